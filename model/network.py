@@ -1,0 +1,101 @@
+"""PRGSNetwork: backbone + ``local_head`` + reranker, configured by a ModelConfig that checkpoints carry."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+from model.backbone import BACKBONES, build_backbone, patch_grid
+from model.local_features import NODE_PREFIX_DIM, build_nodes, default_num_kept_nodes
+from model.reranker import GraphReranker, match_probability, num_regions
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a PRGS network (checkpoints store it with ``to_dict``)."""
+
+    backbone: str = "deit_small"
+    image_size: tuple[int, int] = (480, 640)   # (H, W) the model is built for; sets the grid and region count
+    fc_output_dim: int = 256                    # global descriptor size
+    local_dim: int = 128                        # local descriptor size f; nodes have 3 + local_dim channels
+    num_kept_nodes: int | None = None           # nodes kept per image; None -> 5/6 of the grid (1000 of 1200)
+    temperature: float = 0.5                    # graph softmax temperature
+    finetune_backbone: bool = False             # let the reranker's gradients reach the backbone through local_head
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        self.image_size = tuple(int(v) for v in self.image_size)
+        grid = patch_grid(self.image_size)
+        num_regions(grid)  # a grid too small for the reranker fails here, with its own message
+        if self.num_kept_nodes is None:
+            self.num_kept_nodes = default_num_kept_nodes(grid[0] * grid[1])
+        if not 0 < self.num_kept_nodes <= grid[0] * grid[1]:
+            raise ValueError(f"num_kept_nodes must be in [1, {grid[0] * grid[1]}] for {self.image_size[0]}x"
+                             f"{self.image_size[1]} images ({grid[0]}x{grid[1]} patches), got {self.num_kept_nodes}")
+        for name in ("fc_output_dim", "local_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return patch_grid(self.image_size)
+
+    @property
+    def node_dim(self) -> int:
+        return NODE_PREFIX_DIM + self.local_dim
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["image_size"] = list(self.image_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model configuration keys {unknown}; this version knows {sorted(known)}")
+        return cls(**data)
+
+
+class PRGSNetwork(nn.Module):
+    """forward(images) -> (global (B, D), local (B, L, 3 + local_dim)); rerank(query, candidates) -> P(same place)."""
+
+    def __init__(self, config: ModelConfig, backbone: nn.Module | None = None):
+        """``backbone`` replaces the one ``config`` names (e.g. a custom-size DeiT in tests)."""
+        super().__init__()
+        self.config = config
+        self.backbone = backbone or build_backbone(config.backbone, config.image_size, config.fc_output_dim)
+        self.local_head = nn.Linear(self.backbone.token_dim, config.local_dim)
+        nn.init.normal_(self.local_head.weight, std=0.01)
+        nn.init.zeros_(self.local_head.bias)
+        self.reranker = GraphReranker(config.node_dim, config.grid, config.temperature)
+
+    def forward(self, images: torch.Tensor, global_only: bool = False):
+        """images (B, 3, H, W) -> global (B, D) if ``global_only`` else (global (B, D), local (B, h*w, 3 + f))."""
+        out = self.backbone.forward_prgs(images, with_local=not global_only)
+        if global_only:
+            return out.global_descriptor
+        tokens = out.tokens if self.config.finetune_backbone else out.tokens.detach()
+        nodes = build_nodes(self.local_head(tokens), out.attention, out.grid, tuple(images.shape[-2:]),
+                            self.backbone.patch_size, self.config.num_kept_nodes)
+        return out.global_descriptor, nodes
+
+    def rerank_logits(self, query_local: torch.Tensor, candidates_local: torch.Tensor,
+                      grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """query_local (B, L, C), candidates_local (B, K, L, C) -> logits (B, K, 2)."""
+        if query_local.ndim != 3 or candidates_local.ndim != 4:
+            raise ValueError(f"expected query_local (B, L, C) and candidates_local (B, K, L, C), got "
+                             f"{tuple(query_local.shape)} and {tuple(candidates_local.shape)}")
+        nodes = torch.cat([query_local.unsqueeze(1), candidates_local], dim=1)     # (B, 1+K, L, C)
+        return self.reranker(nodes, grid or self.config.grid)
+
+    def rerank(self, query_local: torch.Tensor, candidates_local: torch.Tensor,
+               grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """query_local (B, L, C), candidates_local (B, K, L, C) -> P(same place) (B, K); grid defaults to the
+        model's (pass (h, w) for inputs of another shape, e.g. portrait)."""
+        return match_probability(self.rerank_logits(query_local, candidates_local, grid))
