@@ -127,9 +127,11 @@ def make_output_folder(save_dir: str, logs_root: str | Path = "logs") -> Path:
 
 
 def setup_logging(output_folder: Path | None, console_level: int = logging.INFO) -> None:
-    """info.log (INFO) and debug.log (DEBUG) in ``output_folder``, and the console at ``console_level``."""
+    """info.log (INFO) and debug.log (DEBUG) in ``output_folder``, and the console at ``console_level``.
+
+    Replaces the handlers an earlier call installed (other handlers, e.g. pytest's, stay)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
+    for handler in [h for h in root.handlers if getattr(h, "_prgs_handler", False)]:
         root.removeHandler(handler)
         handler.close()
     root.setLevel(logging.DEBUG)
@@ -143,6 +145,7 @@ def setup_logging(output_folder: Path | None, console_level: int = logging.INFO)
             handlers.append(handler)
     for handler in handlers:
         handler.setFormatter(formatter)
+        handler._prgs_handler = True
         root.addHandler(handler)
     for noisy in ("PIL", "matplotlib", "urllib3", "timm", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

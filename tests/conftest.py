@@ -20,3 +20,13 @@ def golden_dir() -> Path:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def small_toy_world(tmp_path_factory) -> Path:
+    """A datasets folder holding the toy world's 'small' preset (160 images), generated once per session."""
+    import toy_world
+
+    folder = tmp_path_factory.mktemp("datasets")
+    toy_world.make_toy_world(folder, toy_world.PRESETS["small"], progress=False)
+    return folder

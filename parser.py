@@ -1,0 +1,205 @@
+"""One argparse parser for every entry point (test.py, train_reranking.py, pre_compute_mining.py).
+
+Each entry point gets only the flags it uses. Model flags left unset are filled, in this order, from the checkpoint
+given with --resume (this project's checkpoints carry their configuration), then from the dataset's preset: the
+built-in toy world uses a small DeiT at a low resolution so it runs on a CPU; every other dataset uses the
+reference's settings (DeiT-S distilled, 480x640, 1000 of 1200 nodes kept, top-100 reranking).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from model.backbone import BACKBONES, patch_grid
+from model.network import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_PRESET = dict(backbone="deit_small", resize=(480, 640), rerank_top=100, infer_batch_size=32,
+                        rerank_batch_size=2)
+TOY_WORLD_PRESET = dict(backbone="deit_micro", resize=(144, 192), rerank_top=20, infer_batch_size=32,
+                        rerank_batch_size=8)
+PRESETS = {"toy_world": TOY_WORLD_PRESET}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--datasets_folder", default="data",
+                       help="folder holding the datasets: <datasets_folder>/<dataset_name>/images/{train,val,test}/"
+                            "{database,queries} for VG-format datasets, <datasets_folder>/msls for MSLS. The toy "
+                            "world is generated here on first use")
+    group.add_argument("--dataset_name", default="toy_world",
+                       help="'toy_world' (built in, generated on first use), 'msls' (native Mapillary SLS), or "
+                            "the folder name of a VG-format dataset such as 'pitts30k'")
+    group.add_argument("--skip_bad_images", action="store_true",
+                       help="decode every image first and leave unreadable ones out (listed in the log and "
+                            "results.json) instead of stopping at the first one")
+    group.add_argument("--val_positive_dist_threshold", type=_positive_float, default=25.0,
+                       help="metres: database images this close to a query are correct answers (and are never "
+                            "used as training negatives)")
+    group.add_argument("--msls_cache_dir", default=None,
+                       help="where the MSLS index cache is kept (default <datasets_folder>/msls/prgs_index)")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (unset flags come from --resume's checkpoint, else the dataset preset)")
+    group.add_argument("--backbone", choices=BACKBONES, default=None,
+                       help="global/local feature extractor: DeiT-distilled (timm) or a torchvision ResNet. "
+                            "Preset: deit_small; deit_micro (4 blocks, 128-d) for the toy world")
+    group.add_argument("--resize", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
+                       help="image size fed to the network, divisible by 16. Preset: 480 640; 144 192 for the toy "
+                            "world")
+    group.add_argument("--fc_output_dim", type=_positive_int, default=None, help="global descriptor size (256)")
+    group.add_argument("--local_dim", type=_positive_int, default=None,
+                       help="local descriptor size; nodes have 3 + local_dim channels (128)")
+    group.add_argument("--num_kept_nodes", type=_positive_int, default=None,
+                       help="patch nodes kept per image, the rest (least attended) are zeroed (5/6 of the grid: "
+                            "1000 of 1200 at 480x640)")
+    group.add_argument("--temperature", type=_positive_float, default=None, help="graph softmax temperature (0.5)")
+    group.add_argument("--resume", default=None,
+                       help="checkpoint to load: this project's (rebuilds its own model), the reference's full PRGS "
+                            "checkpoint, or its global-only DeiT checkpoint (backbone only)")
+    group.add_argument("--non_strict_resume", action="store_true",
+                       help="load the keys of --resume that fit and log the rest, instead of refusing a checkpoint "
+                            "with missing, unexpected or mis-shaped keys")
+    group.add_argument("--backbone_weights", default="auto",
+                       help="ImageNet initialisation when not resuming: a local .pth/.safetensors file of timm's "
+                            "(DeiT) or torchvision's (ResNet) weights; 'auto' looks in timm's/torchvision's local "
+                            "cache and falls back to random weights with a warning; 'none' starts from random "
+                            "weights. Nothing is downloaded")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where the network runs; auto picks cuda when available")
+    group.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="bf16 runs the network under bfloat16 autocast (fast on recent GPUs; node ranking and "
+                            "scores stay float32)")
+    group.add_argument("--infer_batch_size", type=_positive_int, default=None,
+                       help="images per batch for feature extraction (preset 32)")
+    group.add_argument("--num_workers", type=_non_negative_int, default=2, help="DataLoader worker processes")
+    group.add_argument("--save_dir", default=save_dir,
+                       help="outputs go to logs/<save_dir>/<YYYY-mm-dd_HH-MM-SS>/")
+    group.add_argument("--seed", type=int, default=42, help="seed for python, numpy and torch")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--rerank_top", type=_positive_int, default=None,
+                       help="candidates from global retrieval that the reranker re-sorts (preset 100; 20 for the toy "
+                            "world); clamped to the database size with a warning")
+    group.add_argument("--rerank_batch_size", type=_positive_int, default=None,
+                       help="queries per reranker call (preset 2; memory grows with it)")
+    group.add_argument("--rerank_fusion", type=_fraction, default=0.0,
+                       help="final score = (1 - w) * P(same place) + w * (1 + cosine similarity) / 2 of the global "
+                            "descriptors; 0 (default) ranks by the reranker alone, as the reference")
+    group.add_argument("--recall_values", type=_positive_int, nargs="+", default=[1, 5, 10, 20, 100],
+                       help="N of the recall@N values to report")
+    group.add_argument("--num_preds_to_save", type=_non_negative_int, default=0,
+                       help="if > 0, save a PNG per query with the query beside its top N global and reranked "
+                            "predictions (correct ones framed green, wrong ones red)")
+    group.add_argument("--save_only_wrong_preds", action="store_true",
+                       help="with --num_preds_to_save: only the queries whose reranked top-1 is wrong")
+
+
+def test_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="test.py", formatter_class=HelpFormatter,
+        description="Evaluate PRGS: extract global and local features, retrieve the top candidates with faiss, "
+                    "rerank them with the patch-to-region graph reranker, report recall@N.",
+        epilog="Examples:\n  python test.py                          # the built-in toy world\n"
+               "  python test.py --dataset_name pitts30k --datasets_folder /data --resume ckpt.pth\n"
+               "  python test.py --dataset_name msls --split val --datasets_folder /data --resume msls_prgs.pt")
+    add_data_args(parser)
+    parser.add_argument("--split", choices=("train", "val", "test"), default="test",
+                        help="split to evaluate (MSLS: 'val' gives recalls, 'test' writes the challenge submission)")
+    add_model_args(parser)
+    add_runtime_args(parser, save_dir="test")
+    add_eval_args(parser)
+    return parser
+
+
+def parse_test_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = test_parser()
+    args = parser.parse_args(argv)
+    apply_presets(args, parser)
+    return args
+
+
+def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill unset model/runtime flags from the checkpoint's configuration, then the dataset preset, and validate."""
+    from util import CheckpointError, open_checkpoint
+
+    checkpoint_config = None
+    if getattr(args, "resume", None):
+        if not Path(args.resume).is_file():
+            parser.error(f"--resume {args.resume}: file not found")
+        try:
+            checkpoint_config = open_checkpoint(args.resume).model_config
+        except CheckpointError as error:
+            parser.error(f"--resume {args.resume}: {error}")
+    preset = dict(REFERENCE_PRESET, **PRESETS.get(args.dataset_name, {}))
+    args.preset = "toy_world" if args.dataset_name in PRESETS else "reference"
+    from_checkpoint = {}
+    if checkpoint_config is not None:
+        from_checkpoint = dict(backbone=checkpoint_config.backbone, resize=tuple(checkpoint_config.image_size),
+                               fc_output_dim=checkpoint_config.fc_output_dim, local_dim=checkpoint_config.local_dim,
+                               num_kept_nodes=checkpoint_config.num_kept_nodes,
+                               temperature=checkpoint_config.temperature)
+        for name, value in from_checkpoint.items():
+            given = getattr(args, name, None)
+            if name != "resize" and given is not None and given != value:
+                parser.error(f"--{name} {given} conflicts with the checkpoint {args.resume}, which was trained with "
+                             f"{name}={value}; leave the flag out to use the checkpoint's value")
+    defaults = dict(preset, fc_output_dim=256, local_dim=128, temperature=0.5, num_kept_nodes=None)
+    for name, value in defaults.items():
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, from_checkpoint.get(name, value))
+    args.resize = tuple(args.resize)
+    try:
+        patch_grid(args.resize)
+        args.model_config = model_config_from_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    if hasattr(args, "recall_values"):
+        args.recall_values = sorted(set(args.recall_values))
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """The ModelConfig the flags describe (the checkpoint's own configuration wins when it has one)."""
+    return ModelConfig(backbone=args.backbone, image_size=tuple(args.resize), fc_output_dim=args.fc_output_dim,
+                       local_dim=args.local_dim, num_kept_nodes=args.num_kept_nodes, temperature=args.temperature)
