@@ -539,3 +539,31 @@ def _make_toy_world_if_missing(datasets_folder: Path, split: str) -> None:
     logger.info("generating the toy world under %s (needed for split %s)", world_folder, split)
     datasets_folder.mkdir(parents=True, exist_ok=True)
     toy_world.make_toy_world(datasets_folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training tuples
+# ----------------------------------------------------------------------------------------------------------------
+
+class TupleDataset(torch.utils.data.Dataset):
+    """One mining round of training tuples. Item i: (images (2 + negs, 3, H, W) = query, best positive, negatives;
+    their global indices (2 + negs,)). ``queries`` are query indices, ``positives``/``negatives`` database indices."""
+
+    def __init__(self, index: PlaceIndex, queries: np.ndarray, positives: np.ndarray, negatives: np.ndarray,
+                 image_size: tuple[int, int]):
+        if not len(queries) == len(positives) == len(negatives):
+            raise ValueError(f"tuples disagree in length: {len(queries)} queries, {len(positives)} positives, "
+                             f"{len(negatives)} negative rows")
+        self.index = index
+        self.image_size = _checked_image_size(image_size)
+        self.image_ids = np.concatenate([index.database_num + np.asarray(queries)[:, None],
+                                         np.asarray(positives)[:, None], np.asarray(negatives)], axis=1)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.image_ids[i]
+        images = torch.stack([load_image(self.index.absolute_path(int(j)), self.image_size) for j in ids])
+        return images, torch.from_numpy(ids)
+

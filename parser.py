@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 REFERENCE_PRESET = dict(backbone="deit_small", resize=(480, 640), rerank_top=100, infer_batch_size=32,
                         rerank_batch_size=2)
-TOY_WORLD_PRESET = dict(backbone="deit_micro", resize=(144, 192), rerank_top=20, infer_batch_size=32,
+TOY_WORLD_PRESET = dict(backbone="deit_micro", resize=(144, 192), local_dim=32, rerank_top=20, infer_batch_size=32,
                         rerank_batch_size=8)
 PRESETS = {"toy_world": TOY_WORLD_PRESET}
 
@@ -84,7 +84,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                             "world")
     group.add_argument("--fc_output_dim", type=_positive_int, default=None, help="global descriptor size (256)")
     group.add_argument("--local_dim", type=_positive_int, default=None,
-                       help="local descriptor size; nodes have 3 + local_dim channels (128)")
+                       help="local descriptor size; nodes have 3 + local_dim channels (128; 32 for the toy world)")
     group.add_argument("--num_kept_nodes", type=_positive_int, default=None,
                        help="patch nodes kept per image, the rest (least attended) are zeroed (5/6 of the grid: "
                             "1000 of 1200 at 480x640)")
@@ -114,6 +114,9 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
     group.add_argument("--num_workers", type=_non_negative_int, default=2, help="DataLoader worker processes")
     group.add_argument("--save_dir", default=save_dir,
                        help="outputs go to logs/<save_dir>/<YYYY-mm-dd_HH-MM-SS>/")
+    group.add_argument("--output_folder", default=None,
+                       help="write the outputs to this exact folder instead of logs/<save_dir>/<timestamp>/ "
+                            "(handy in scripts that chain runs)")
     group.add_argument("--seed", type=int, default=42, help="seed for python, numpy and torch")
 
 
@@ -153,6 +156,123 @@ def test_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_train_split_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train_positives_dist_threshold", type=_positive_float, default=10.0,
+                        help="metres: database images this close to a training query are its positives; queries "
+                             "without one are left out of training")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_reranking.py", formatter_class=HelpFormatter,
+        description="Train PRGS. Stage 'reranker' (the reference's default) freezes the backbone and trains "
+                    "local_head + reranker with cross-entropy on positive-vs-negative logits; 'full' also trains the "
+                    "backbone with a triplet loss on the global descriptors; 'global' trains the global descriptor "
+                    "alone (triplet loss). Validates on the val split every epoch, keeps last.pth and best.pth, "
+                    "stops early, then tests the best model on the test split.",
+        epilog="See train_reranking.sh for the reference's MSLS recipe and the toy-world demo.")
+    add_data_args(parser)
+    add_train_split_args(parser)
+    parser.add_argument("--test_split", choices=("val", "test"), default="test",
+                        help="split for the final test of the best model (MSLS test: writes the challenge files)")
+    parser.add_argument("--test_before_training", action="store_true",
+                        help="also test the model before training, to report recalls before and after")
+    add_model_args(parser)
+    add_runtime_args(parser, save_dir="train")
+    add_eval_args(parser)
+    group = parser.add_argument_group("training")
+    group.add_argument("--train_stage", choices=("reranker", "full", "global"), default="reranker",
+                       help="what is trained (see the description above)")
+    group.add_argument("--mining", choices=("global", "partial", "full", "random"), default="partial",
+                       help="negatives: 'global' samples from --hard_negatives (pre_compute_mining.py); 'partial' "
+                            "takes the hardest of --neg_samples_num random database images; 'full' also keeps each "
+                            "query's previous negatives; 'random' samples at random. Never a soft positive")
+    group.add_argument("--hard_negatives", default=None,
+                       help="hard-negative file written by pre_compute_mining.py (needed by --mining global)")
+    group.add_argument("--neg_hardness", type=_positive_int, default=100,
+                       help="--mining global samples negatives from this many of each query's hardest negatives")
+    group.add_argument("--negs_num_per_query", type=_positive_int, default=10,
+                       help="negatives per training query (a tuple has 2 + this many images)")
+    group.add_argument("--neg_samples_num", type=_positive_int, default=1000,
+                       help="random database images each mining round considers (partial/full mining)")
+    group.add_argument("--queries_per_epoch", type=_positive_int, default=5000, help="training queries per epoch")
+    group.add_argument("--cache_refresh_rate", type=_positive_int, default=1000,
+                       help="queries per mining round; negatives are mined again every this many queries "
+                            "(descriptors of a frozen global model are computed once and reused)")
+    group.add_argument("--train_batch_size", type=_positive_int, default=8, help="tuples per optimiser step")
+    group.add_argument("--epochs_num", type=_positive_int, default=50, help="maximum number of epochs")
+    group.add_argument("--patience", type=_positive_int, default=3,
+                       help="stop after this many epochs without a better validation R@1")
+    group.add_argument("--lr", type=_positive_float, default=1e-5, help="AdamW learning rate")
+    group.add_argument("--weight_decay", type=float, default=0.03, help="AdamW weight decay")
+    group.add_argument("--lr_schedule", choices=("step", "cosine"), default="step",
+                       help="per epoch after warm-up: 'step' multiplies the lr by --lr_step_gamma every "
+                            "--lr_step_epochs epochs (the reference: x0.1 every 4); 'cosine' decays it to 0 at "
+                            "--epochs_num")
+    group.add_argument("--lr_step_epochs", type=_positive_int, default=4, help="epochs between lr steps")
+    group.add_argument("--lr_step_gamma", type=_positive_float, default=0.1, help="lr factor at each step")
+    group.add_argument("--warmup_epochs", type=_non_negative_int, default=0,
+                       help="epochs of linear warm-up from 0.1 x lr")
+    group.add_argument("--margin", type=_positive_float, default=0.1,
+                       help="triplet-loss margin on the global descriptors (stages full and global)")
+    group.add_argument("--cache_frozen_backbone", action="store_true",
+                       help="stage reranker only: compute every training image's (frozen) backbone outputs once and "
+                            "keep them in RAM (L x C x 4 bytes per image), so each step runs only local_head and the "
+                            "reranker. For small datasets such as the toy world")
+    group.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    group.add_argument("--checkpoint_every_steps", type=_non_negative_int, default=0,
+                       help="also write last.pth every this many optimiser steps (0: at the end of each epoch "
+                            "only); a resumed run continues exactly where the checkpoint was written")
+    group.add_argument("--max_steps", type=_non_negative_int, default=0,
+                       help="stop after this many optimiser steps in all (0: no limit), writing last.pth so that "
+                            "--resume continues exactly")
+    return parser
+
+
+def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = train_parser()
+    args = parser.parse_args(argv)
+    apply_presets(args, parser)
+    if args.queries_per_epoch % args.cache_refresh_rate:
+        parser.error(f"--queries_per_epoch {args.queries_per_epoch} must be a multiple of --cache_refresh_rate "
+                     f"{args.cache_refresh_rate}")
+    if args.cache_frozen_backbone and args.train_stage != "reranker":
+        parser.error("--cache_frozen_backbone needs --train_stage reranker (the only stage with a frozen backbone)")
+    if args.mining == "global" and not args.hard_negatives:
+        parser.error("--mining global needs --hard_negatives FILE (made by pre_compute_mining.py)")
+    if args.mining == "global" and args.neg_hardness < args.negs_num_per_query:
+        parser.error(f"--neg_hardness {args.neg_hardness} must be >= --negs_num_per_query {args.negs_num_per_query}")
+    return args
+
+
+def mining_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pre_compute_mining.py", formatter_class=HelpFormatter,
+        description="Compute global descriptors of the training split with a model and write, for every training "
+                    "query, its hardest negatives (most similar database images that are not soft positives), "
+                    "for train_reranking.py --mining global.")
+    add_data_args(parser)
+    add_train_split_args(parser)
+    add_model_args(parser)
+    add_runtime_args(parser, save_dir="mining")
+    group = parser.add_argument_group("mining")
+    group.add_argument("--num_hard_negatives", type=_positive_int, default=200,
+                       help="negatives kept per query (rows are padded with -1 when fewer exist)")
+    group.add_argument("--chunk_size", type=_positive_int, default=1024,
+                       help="queries searched at a time (bounds memory)")
+    group.add_argument("--output", default=None,
+                       help="file to write (default result/<dataset_name>_hard_negatives.npz)")
+    return parser
+
+
+def parse_mining_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = mining_parser()
+    args = parser.parse_args(argv)
+    apply_presets(args, parser)
+    args.output = args.output or f"result/{args.dataset_name}_hard_negatives.npz"
+    return args
+
+
 def parse_test_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = test_parser()
     args = parser.parse_args(argv)
@@ -185,7 +305,7 @@ def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             if name != "resize" and given is not None and given != value:
                 parser.error(f"--{name} {given} conflicts with the checkpoint {args.resume}, which was trained with "
                              f"{name}={value}; leave the flag out to use the checkpoint's value")
-    defaults = dict(preset, fc_output_dim=256, local_dim=128, temperature=0.5, num_kept_nodes=None)
+    defaults = dict(dict(fc_output_dim=256, local_dim=128, temperature=0.5, num_kept_nodes=None), **preset)
     for name, value in defaults.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, from_checkpoint.get(name, value))

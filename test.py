@@ -66,16 +66,18 @@ class Evaluation:
 # ----------------------------------------------------------------------------------------------------------------
 # Extraction
 
-def extract_features(model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, store_folder: Path
-                     ) -> tuple[np.ndarray, LocalFeatureStore, dict[str, float]]:
+def extract_features(model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, store_folder: Path | None
+                     ) -> tuple[np.ndarray, LocalFeatureStore | None, dict[str, float]]:
     """Global descriptors (N, D) in RAM and local features in a LocalFeatureStore, database first, then queries.
 
-    Returns (descriptors, the closed store, timings): extraction_ms_per_image (loading included) and
-    forward_ms_per_image (network only, device synchronised), each for database and queries.
+    Returns (descriptors, the store opened for reading, timings): extraction_ms_per_image (loading included) and
+    forward_ms_per_image (network only, device synchronised), each for database and queries. With store_folder
+    None only global descriptors are computed (global-only forward) and no store is returned.
     """
-    grid = patch_grid(settings.image_size)
-    store = LocalFeatureStore.create(store_folder, len(index), grid, settings.image_size,
-                                     model.backbone.patch_size, model.config.num_kept_nodes, model.config.local_dim)
+    store = None
+    if store_folder is not None:
+        store = LocalFeatureStore.create(store_folder, len(index), patch_grid(settings.image_size), settings.image_size,
+                                         model.backbone.patch_size, model.config.num_kept_nodes, model.config.local_dim)
     descriptors = np.empty((len(index), model.config.fc_output_dim), dtype=np.float32)
     dataset = BaseDataset(index, settings.image_size)
     timings = {}
@@ -84,19 +86,23 @@ def extract_features(model: PRGSNetwork, index: PlaceIndex, settings: EvalSettin
         subset = torch.utils.data.Subset(dataset, list(indices))
         loader = torch.utils.data.DataLoader(subset, batch_size=settings.infer_batch_size,
                                              num_workers=settings.num_workers,
-                                             pin_memory=settings.device.type == "cuda")
+                                             pin_memory=settings.device.type == "cuda", generator=torch.Generator())
         forward = util.Stopwatch(settings.device)
         start = time.perf_counter()
         with torch.inference_mode():
             for images, image_indices in tqdm(loader, desc=f"extracting {part}", unit="batch", leave=False):
                 with forward, util.autocast(settings.device, settings.precision):
-                    global_descriptors, local = model(images.to(settings.device, non_blocking=True))
+                    output = model(images.to(settings.device, non_blocking=True), global_only=store is None)
+                global_descriptors = output if store is None else output[0]
                 descriptors[image_indices.numpy()] = global_descriptors.float().cpu().numpy()
-                store.write(image_indices.numpy(), local)
+                if store is not None:
+                    store.write(image_indices.numpy(), output[1])
         elapsed = time.perf_counter() - start
         count = max(1, len(subset))
         timings[f"extraction_ms_per_image_{part}"] = 1000 * elapsed / count
         timings[f"forward_ms_per_image_{part}"] = 1000 * forward.seconds / count
+    if store is None:
+        return descriptors, None, timings
     store.close()
     return descriptors, LocalFeatureStore.open(store_folder), timings
 
@@ -153,11 +159,11 @@ def rerank(model: PRGSNetwork, store, predictions: np.ndarray, distances: np.nda
 # Whole evaluation
 
 def evaluate(model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, work_folder: Path,
-             keep_store: bool = False) -> Evaluation:
+             keep_store: bool = False, with_rerank: bool = True) -> Evaluation:
     """Extract, retrieve, rerank and score one split. The local-feature store lives in work_folder/local_features
-    and is deleted at the end unless keep_store."""
+    and is deleted at the end unless keep_store. with_rerank=False skips the reranking (reranked = global order)."""
     store_folder = work_folder / "local_features"
-    descriptors, store, timings = extract_features(model, index, settings, store_folder)
+    descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
     try:
         database, queries = descriptors[:index.database_num], descriptors[index.database_num:]
         top = clamp_top_k(settings.rerank_top, index.database_num)
@@ -165,20 +171,24 @@ def evaluate(model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, work
         start = time.perf_counter()
         distances, predictions = exact_knn(database, queries, num_columns, settings.device)
         timings["retrieval_ms_per_query"] = 1000 * (time.perf_counter() - start) / max(1, index.queries_num)
-        reranked, scores, rerank_timings = rerank(model, store, predictions, distances, index.database_num,
-                                                  _with(settings, rerank_top=top))
-        timings.update(rerank_timings)
+        if with_rerank:
+            reranked, scores, rerank_timings = rerank(model, store, predictions, distances, index.database_num,
+                                                      _with(settings, rerank_top=top))
+            timings.update(rerank_timings)
+        else:
+            reranked, scores = predictions, np.full((len(predictions), top), np.nan, dtype=np.float32)
     finally:
-        store.close()
-        if not keep_store:
-            shutil.rmtree(store_folder, ignore_errors=True)
+        if store is not None:
+            store.close()
+            if not keep_store:
+                shutil.rmtree(store_folder, ignore_errors=True)
     positives = index.soft_positives_per_query
     global_recalls = reranked_recalls = None
     if positives is not None:
         global_recalls = recall_at_n(predictions, positives, settings.recall_values)
         reranked_recalls = recall_at_n(reranked, positives, settings.recall_values)
     return Evaluation(predictions, distances, reranked, scores, top, global_recalls, reranked_recalls, timings,
-                      store.bytes_per_image)
+                      store.bytes_per_image if store is not None else 0)
 
 
 def _with(settings: EvalSettings, **changes) -> EvalSettings:
@@ -247,7 +257,7 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = prgs_parser.parse_test_args(argv)
-    output_folder = util.make_output_folder(args.save_dir)
+    output_folder = util.make_output_folder(args.save_dir, exact_folder=args.output_folder)
     util.setup_logging(output_folder)
     logger.info("python %s", " ".join(sys.argv))
     logger.info("arguments: %s", {k: v for k, v in vars(args).items() if k != "model_config"})

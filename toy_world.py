@@ -106,9 +106,10 @@ class ToyWorldConfig:
     """Every parameter of the toy-world generator; the manifest stores it to recognise a world made with it."""
 
     seed: int = 0
-    image_size: tuple[int, int] = (192, 256)  # (H, W), 4:3 like MSLS / Pitts30k at 480x640
-    jpeg_quality: int = 85
-    train: SplitSpec = SplitSpec(6, 567.0, 40, 8, 500_000.0, 5_030_000.0)
+    image_size: tuple[int, int] = (144, 192)  # (H, W), 4:3 like MSLS / Pitts30k at 480x640; the toy preset's input
+    jpeg_quality: int = 80
+    # a larger training split than the others: the reranker needs many places to learn local matching that transfers
+    train: SplitSpec = SplitSpec(12, 567.0, 60, 16, 500_000.0, 5_030_000.0)
     val: SplitSpec = SplitSpec(2, 540.0, 30, 3, 510_000.0, 5_030_000.0)
     test: SplitSpec = SplitSpec(2, 630.0, 36, 3, 520_000.0, 5_030_000.0)
     lane_spacing_m: float = 600.0  # north offset between the starts of neighbouring routes
@@ -123,7 +124,7 @@ class ToyWorldConfig:
     max_lateral_offset_m: float = 1.2  # queries stand up to this much closer to / farther from the facade
     max_vertical_shift_m: float = 0.8
     pixels_per_metre: float = 10.0  # scale of the rendered facade strip
-    query_lighting_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)  # day, dusk, night
+    query_lighting_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)  # day, dusk, night
     exposure_range: tuple[float, float] = (0.88, 1.12)
     noise_sigma_range: tuple[float, float] = (2.0, 6.0)  # Gaussian sensor noise, in 0-255 units
     blur_probability: float = 0.3

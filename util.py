@@ -113,8 +113,11 @@ def set_rng_states(state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Output folders and logging
 
-def make_output_folder(save_dir: str, logs_root: str | Path = "logs") -> Path:
-    """logs/<save_dir>/<YYYY-mm-dd_HH-MM-SS>, made unique with a suffix if two runs start in the same second."""
+def make_output_folder(save_dir: str, logs_root: str | Path = "logs", exact_folder: str | Path | None = None) -> Path:
+    """logs/<save_dir>/<YYYY-mm-dd_HH-MM-SS> (a suffix keeps two runs of the same second apart), or exact_folder."""
+    if exact_folder is not None:
+        Path(exact_folder).mkdir(parents=True, exist_ok=True)
+        return Path(exact_folder)
     base = Path(logs_root) / save_dir / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     folder, suffix = base, 1
     while True:

@@ -80,10 +80,14 @@ class PRGSNetwork(nn.Module):
         out = self.backbone.forward_prgs(images, with_local=not global_only)
         if global_only:
             return out.global_descriptor
-        tokens = out.tokens if self.config.finetune_backbone else out.tokens.detach()
-        nodes = build_nodes(self.local_head(tokens), out.attention, out.grid, tuple(images.shape[-2:]),
-                            self.backbone.patch_size, self.config.num_kept_nodes)
-        return out.global_descriptor, nodes
+        return out.global_descriptor, self.local_nodes(out.tokens, out.attention, tuple(images.shape[-2:]))
+
+    def local_nodes(self, tokens: torch.Tensor, attention: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Backbone tokens (B, L, C) and attention (B, L) of images of ``image_size`` -> nodes (B, L, 3 + f)."""
+        tokens = tokens if self.config.finetune_backbone else tokens.detach()
+        grid = (image_size[0] // self.backbone.patch_size, image_size[1] // self.backbone.patch_size)
+        return build_nodes(self.local_head(tokens), attention, grid, image_size, self.backbone.patch_size,
+                           self.config.num_kept_nodes)
 
     def rerank_logits(self, query_local: torch.Tensor, candidates_local: torch.Tensor,
                       grid: tuple[int, int] | None = None) -> torch.Tensor:
