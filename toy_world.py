@@ -25,8 +25,9 @@ How the world is made:
 Measured 2026-11-26 on the 2-core development machine (one process, Pillow 13, other jobs running), with
 `python toy_world.py --force`:
 
-* default: train 384 database + 240 queries, val 122 + 60, test 142 + 72 (1020 images), 8.8 MB, 4.1-6.1 s;
-* small:   train 44 + 16, val 38 + 12, test 38 + 12 (160 images), 1.4 MB, 0.7-0.9 s.
+* default: train 768 database + 720 queries, val 122 + 60, test 142 + 72 (1884 images at 144x192), 9.3 MB, 6 s
+  (the training split is the largest: the reranker needs many places to learn matching that transfers);
+* small:   train 44 + 16, val 38 + 12, test 38 + 12 (160 images), 0.8 MB, under 1 s.
 
 Files are byte-identical for the same config on the same Pillow/libjpeg; another JPEG library may encode differently.
 
@@ -902,7 +903,7 @@ def main() -> None:
     parser.add_argument("--datasets_folder", type=str, default="./data",
                         help="folder that receives the toy_world/ dataset folder (default: ./data)")
     parser.add_argument("--preset", type=str, default="default", choices=sorted(PRESETS),
-                        help="size of the world: 'default' (about 1000 images, 9 MB, 5 s) or 'small' (about 160 "
+                        help="size of the world: 'default' (about 1900 images, 9 MB, 6 s) or 'small' (about 160 "
                              "images, for tests) (default: default)")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed of the world; the same seed and preset give identical files "

@@ -235,11 +235,11 @@ def run_round(model, optimizer, trainable, train_index: PlaceIndex, tuples: Tupl
         optimizer.step()
         state.global_step += 1
         state.step_in_round += 1
-        state.loss_sum += float(loss)
+        state.loss_sum += float(loss.detach())
         state.loss_count += 1
-        bar.set_postfix(loss=f"{float(loss):.4f}", mean=f"{state.loss_sum / state.loss_count:.4f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", mean=f"{state.loss_sum / state.loss_count:.4f}")
         if state.global_step <= 2 or state.global_step % 100 == 0:
-            logger.debug("step %d: loss %.5f %s", state.global_step, float(loss), parts)
+            logger.debug("step %d: loss %.5f %s", state.global_step, float(loss.detach()), parts)
         if args.max_steps and state.global_step >= args.max_steps:
             checkpoint()
             return False

@@ -94,9 +94,10 @@ class _InMemoryNodes:
         return self.nodes[torch.as_tensor(np.asarray(indices))]
 
 
-def test_reranked_order_from_the_store_equals_float32_in_memory(small_toy_world, tmp_path):
-    torch.manual_seed(3)
-    model = PRGSNetwork(ModelConfig(backbone="deit_micro", image_size=(144, 192))).eval()
+def test_reranked_order_from_the_store_equals_float32_in_memory(small_toy_world, trained_toy_checkpoint, tmp_path):
+    import util
+    model, _ = util.build_model(ModelConfig(), resume=trained_toy_checkpoint)
+    model.eval()
     index = load_split(small_toy_world, "toy_world", "test")
     settings = evaluation_script.EvalSettings(image_size=(144, 192), device=torch.device("cpu"), infer_batch_size=16,
                                               num_workers=0, rerank_top=10, rerank_batch_size=4)
@@ -113,6 +114,7 @@ def test_reranked_order_from_the_store_equals_float32_in_memory(small_toy_world,
     assert np.array_equal(from_store, in_memory)
     np.testing.assert_allclose(store_scores, memory_scores, atol=1e-3)
     assert not np.array_equal(from_store, predictions)   # the reranker did re-sort
+    assert (memory_scores.max(1) - memory_scores.min(1)).mean() > 0.05   # a trained reranker: scores that differ
 
 
 def test_test_py_end_to_end_on_the_toy_world(small_toy_world, tmp_path, monkeypatch):
@@ -129,7 +131,7 @@ def test_test_py_end_to_end_on_the_toy_world(small_toy_world, tmp_path, monkeypa
     for key in ("extraction_ms_per_image_database", "extraction_ms_per_image_queries", "retrieval_ms_per_query",
                 "rerank_ms_per_query", "rerank_forward_ms_per_query"):
         assert on_disk["timings"][key] > 0
-    assert on_disk["store"]["bytes_per_image"] == 90 * 129 * 2 + 90 * 2
+    assert on_disk["store"]["bytes_per_image"] == 90 * (1 + 32) * 2 + 90 * 2     # toy preset: local_dim 32
     assert (run_folder / "info.log").is_file() and (run_folder / "debug.log").is_file()
     assert not (run_folder / "local_features").exists()
     with open(run_folder / "predictions.csv") as file:

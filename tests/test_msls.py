@@ -171,6 +171,7 @@ def test_bad_csv_content_names_file_and_value(msls_folder):
 def test_second_build_loads_from_the_cache(msls_folder, caplog):
     first = build_msls_split(msls_folder, "val")
     assert (msls_folder / "msls" / "prgs_index" / "msls_val.npz").is_file()
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="msls"):
         second = build_msls_split(msls_folder, "val")
     assert "loaded < msls/val: 4 database, 3 queries > from the cache" in caplog.text
@@ -220,6 +221,7 @@ def test_moved_dataset_uses_its_cache(msls_folder, tmp_path, caplog):
     build_msls_split(msls_folder, "val")
     moved = tmp_path / "moved"
     shutil.move(str(msls_folder), str(moved))
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="msls"):
         index = build_msls_split(moved, "val")
     assert "from the cache" in caplog.text and "building" not in caplog.text
