@@ -116,8 +116,9 @@ class LocalFeatureStore:
         return cls(folder, header["num_images"], tuple(header["grid"]), tuple(header["image_size"]),
                    header["patch_size"], header["num_kept"], header["local_dim"])
 
-    def read(self, image_indices: np.ndarray | list[int]) -> torch.Tensor:
-        """Reranker input rows of ``image_indices``: (n, L, 3 + local_dim) float32, zero rows restored."""
+    def read_compact(self, image_indices: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored rows of ``image_indices``, as on disk: ([attention, f] (n, num_kept, 1 + local_dim) float16,
+        grid positions (n, num_kept) int64). File reads only: cheap to run in a background thread."""
         image_indices = np.asarray(image_indices, dtype=np.int64).reshape(-1)
         features = np.empty((len(image_indices), self.num_kept, self.channels), dtype=np.float16)
         positions = np.empty((len(image_indices), self.num_kept), dtype=self.index_dtype)
@@ -127,11 +128,24 @@ class LocalFeatureStore:
                 raise IndexError(f"image index {image} outside the store's {self.num_images} images")
             _read_exactly(features_file, features[row], int(image) * self.feature_row_bytes)
             _read_exactly(index_file, positions[row], int(image) * self.index_row_bytes)
-        positions = torch.from_numpy(positions.astype(np.int64))                      # (n, num_kept)
-        nodes = torch.zeros(len(image_indices), self.grid[0] * self.grid[1], NODE_PREFIX_DIM + self.local_dim)
-        kept_rows = torch.cat([self._coordinates[positions], torch.from_numpy(features).float()], dim=-1)
-        nodes.scatter_(1, positions.unsqueeze(-1).expand(-1, -1, nodes.shape[-1]), kept_rows)
+        return torch.from_numpy(features), torch.from_numpy(positions.astype(np.int64))
+
+    def expand(self, features: torch.Tensor, positions: torch.Tensor, device: torch.device | str = "cpu"
+               ) -> torch.Tensor:
+        """Compact rows -> reranker input (n, L, 3 + local_dim) float32 on ``device``: coordinates from the grid
+        positions, the other rows zero. On a GPU only the compact rows cross the bus."""
+        features = features.to(device, non_blocking=True)
+        positions = positions.to(device, non_blocking=True)
+        count = features.shape[0]
+        nodes = torch.zeros(count, self.grid[0] * self.grid[1], NODE_PREFIX_DIM + self.local_dim, device=device)
+        rows = torch.arange(count, device=device)[:, None].expand_as(positions)
+        nodes[rows, positions, :2] = self._coordinates.to(device)[positions]
+        nodes[rows, positions, 2:] = features.float()
         return nodes
+
+    def read(self, image_indices: np.ndarray | list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Reranker input rows of ``image_indices``: (n, L, 3 + local_dim) float32 on ``device``, zero rows restored."""
+        return self.expand(*self.read_compact(image_indices), device=device)
 
     @property
     def bytes_per_image(self) -> int:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -107,18 +105,10 @@ def hard_negatives_from_descriptors(database: np.ndarray, queries: np.ndarray, s
 
 def save_hard_negatives(path: str | Path, hard_negatives: np.ndarray, metadata: dict) -> None:
     """Write the .npz atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": HARD_NEGATIVES_FORMAT, "version": HARD_NEGATIVES_VERSION,
                 "created": datetime.now().isoformat(timespec="seconds"), **metadata}
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, hard_negatives=hard_negatives.astype(np.int64), metadata=np.array(json.dumps(metadata)))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    util.atomic_write(path, lambda file: np.savez(file, hard_negatives=hard_negatives.astype(np.int64),
+                                                  metadata=np.array(json.dumps(metadata))))
 
 
 def load_hard_negatives(path: str | Path, index: PlaceIndex, min_columns: int, rebuild_hint: str

@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
@@ -30,6 +29,7 @@ import numpy as np
 
 from datasets_ws import (DatasetError, PlaceIndex, drop_queries_without_positives, positives_within_radius,
                          without_images)
+from util import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ def _save_cached_index(index: PlaceIndex, cities: Sequence[str], fingerprint: st
     for attempt, folder in enumerate(cache_folders):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            _write_atomically(folder / file_name, lambda f: np.savez(f, **arrays))
+            atomic_write(folder / file_name, lambda f: np.savez(f, **arrays))
         except OSError as error:
             logger.warning("cannot write the MSLS cache to %s (%s)%s", folder, error,
                            "; trying the next cache folder" if attempt + 1 < len(cache_folders) else
@@ -377,20 +377,6 @@ def _save_cached_index(index: PlaceIndex, cities: Sequence[str], fingerprint: st
             continue
         logger.info("saved the %s index to the cache %s", index.name, folder / file_name)
         return
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Call write(binary file) on a temporary file next to path, then move it onto path."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _encode_index(index: PlaceIndex, cities: Sequence[str], fingerprint: str) -> dict[str, np.ndarray]:
@@ -538,6 +524,6 @@ def write_msls_submission(path: str | Path, queries_keys: Sequence[str], databas
         lines.append(" ".join([query_key] + [database_keys[i] for i in ranked]) + "\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, lambda f: f.write("".join(lines).encode()))
+    atomic_write(path, lambda f: f.write("".join(lines).encode()))
     logger.info("wrote the MSLS submission file %s (%d queries, %d predictions each)", path, len(lines),
                 predictions.shape[1])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from model.backbone import BACKBONES, patch_grid
 from model.network import ModelConfig
+from model.reranker import num_regions
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,8 @@ def train_parser() -> argparse.ArgumentParser:
     add_data_args(parser)
     add_train_split_args(parser)
     parser.add_argument("--test_split", choices=("val", "test"), default="test",
-                        help="split for the final test of the best model (MSLS test: writes the challenge files)")
+                        help="split for the final test of the best model; its outputs (as test.py's) go to "
+                             "<output>/test/ (MSLS test has no ground truth: the challenge files, no recalls)")
     parser.add_argument("--test_before_training", action="store_true",
                         help="also test the model before training, to report recalls before and after")
     add_model_args(parser)
@@ -268,7 +270,7 @@ def mining_parser() -> argparse.ArgumentParser:
 def parse_mining_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = mining_parser()
     args = parser.parse_args(argv)
-    apply_presets(args, parser)
+    apply_presets(args, parser, reranks=False)
     args.output = args.output or f"result/{args.dataset_name}_hard_negatives.npz"
     return args
 
@@ -280,18 +282,25 @@ def parse_test_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Fill unset model/runtime flags from the checkpoint's configuration, then the dataset preset, and validate."""
+def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, reranks: bool = True) -> None:
+    """Fill unset model/runtime flags from the checkpoint's configuration, then the dataset preset, and validate.
+
+    Sets args.model_config: the network to build. Its image size is the checkpoint's (this project's files record
+    it; the reference's files were all made at 480x640), while --resize is the input size, which may differ
+    (positional embeddings are fitted) as long as the reranker gets the same region count (``reranks``).
+    """
     from util import CheckpointError, open_checkpoint
 
-    checkpoint_config = None
+    checkpoint_config, built_size = None, None
     if getattr(args, "resume", None):
         if not Path(args.resume).is_file():
             parser.error(f"--resume {args.resume}: file not found")
         try:
-            checkpoint_config = open_checkpoint(args.resume).model_config
+            checkpoint = open_checkpoint(args.resume)
         except CheckpointError as error:
             parser.error(f"--resume {args.resume}: {error}")
+        checkpoint_config = checkpoint.model_config
+        built_size = tuple(checkpoint_config.image_size) if checkpoint_config else REFERENCE_PRESET["resize"]
     preset = dict(REFERENCE_PRESET, **PRESETS.get(args.dataset_name, {}))
     args.preset = "toy_world" if args.dataset_name in PRESETS else "reference"
     from_checkpoint = {}
@@ -305,21 +314,30 @@ def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             if name != "resize" and given is not None and given != value:
                 parser.error(f"--{name} {given} conflicts with the checkpoint {args.resume}, which was trained with "
                              f"{name}={value}; leave the flag out to use the checkpoint's value")
+    elif built_size is not None:
+        from_checkpoint = dict(resize=built_size)
     defaults = dict(dict(fc_output_dim=256, local_dim=128, temperature=0.5, num_kept_nodes=None), **preset)
     for name, value in defaults.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, from_checkpoint.get(name, value))
     args.resize = tuple(args.resize)
     try:
-        patch_grid(args.resize)
-        args.model_config = model_config_from_args(args)
+        input_grid = patch_grid(args.resize)
+        args.model_config = model_config_from_args(args, built_size or args.resize)
+        if reranks and num_regions(input_grid) != num_regions(args.model_config.grid):
+            raise ValueError(
+                f"--resize {args.resize[0]} {args.resize[1]} gives a {input_grid[0]}x{input_grid[1]} grid with "
+                f"{num_regions(input_grid)} region nodes, but the model was built for "
+                f"{args.model_config.image_size[0]}x{args.model_config.image_size[1]} "
+                f"({num_regions(args.model_config.grid)} regions): its reranker cannot take it. Use the model's "
+                f"size, or one with the same region count (e.g. its portrait)")
     except ValueError as error:
         parser.error(str(error))
     if hasattr(args, "recall_values"):
         args.recall_values = sorted(set(args.recall_values))
 
 
-def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    """The ModelConfig the flags describe (the checkpoint's own configuration wins when it has one)."""
-    return ModelConfig(backbone=args.backbone, image_size=tuple(args.resize), fc_output_dim=args.fc_output_dim,
+def model_config_from_args(args: argparse.Namespace, image_size: tuple[int, int]) -> ModelConfig:
+    """The ModelConfig the flags describe, built for ``image_size``."""
+    return ModelConfig(backbone=args.backbone, image_size=tuple(image_size), fc_output_dim=args.fc_output_dim,
                        local_dim=args.local_dim, num_kept_nodes=args.num_kept_nodes, temperature=args.temperature)

@@ -62,4 +62,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    util.run_entry_point(main)

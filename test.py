@@ -116,9 +116,9 @@ def rerank(model: PRGSNetwork, store, predictions: np.ndarray, distances: np.nda
     with the global similarity).
 
     predictions / distances (Nq, K >= rerank_top) from global retrieval -> (reranked predictions (Nq, K) with the
-    columns after rerank_top left in global order, final scores (Nq, rerank_top), timings). ``store`` is anything
-    with ``read(image_indices) -> nodes (n, L, C)`` (a LocalFeatureStore); it is read one batch of queries at a
-    time, the next batch while this one runs.
+    columns after rerank_top left in global order, final scores (Nq, rerank_top), timings). ``store`` is a
+    LocalFeatureStore (or anything with its read_compact/expand): the next batch of queries is read in a background
+    thread while this one runs, and rows are expanded to the reranker's input on the device.
     """
     top = settings.rerank_top
     num_queries = len(predictions)
@@ -128,10 +128,9 @@ def rerank(model: PRGSNetwork, store, predictions: np.ndarray, distances: np.nda
     batches = [np.arange(s, min(s + settings.rerank_batch_size, num_queries))
                for s in range(0, num_queries, settings.rerank_batch_size)]
 
-    def read_batch(queries: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        query_nodes = store.read(database_num + queries)                               # (b, L, C)
-        candidate_nodes = store.read(predictions[queries, :top].reshape(-1))             # (b*K, L, C)
-        return query_nodes, candidate_nodes.reshape(len(queries), top, *candidate_nodes.shape[1:])
+    def read_batch(queries: np.ndarray):
+        """Compact rows of the queries and their candidates (file reads only; runs in the background thread)."""
+        return store.read_compact(np.concatenate([database_num + queries, predictions[queries, :top].reshape(-1)]))
 
     forward = util.Stopwatch(settings.device)
     start = time.perf_counter()
@@ -139,12 +138,14 @@ def rerank(model: PRGSNetwork, store, predictions: np.ndarray, distances: np.nda
     with ThreadPoolExecutor(max_workers=1) as reader, torch.inference_mode():
         pending = reader.submit(read_batch, batches[0]) if batches else None
         for number, queries in enumerate(tqdm(batches, desc="reranking", unit="batch", leave=False)):
-            query_nodes, candidate_nodes = pending.result()
+            compact = pending.result()
             if number + 1 < len(batches):
                 pending = reader.submit(read_batch, batches[number + 1])
+            nodes = store.expand(*compact, device=settings.device)                       # (b + b*K, L, C)
+            query_nodes = nodes[:len(queries)]                                             # (b, L, C)
+            candidate_nodes = nodes[len(queries):].reshape(len(queries), top, *nodes.shape[1:])   # (b, K, L, C)
             with forward, util.autocast(settings.device, settings.precision):
-                probabilities = model.rerank(query_nodes.to(settings.device), candidate_nodes.to(settings.device),
-                                             grid=grid).float().cpu().numpy()             # (b, K)
+                probabilities = model.rerank(query_nodes, candidate_nodes, grid=grid).float().cpu().numpy()  # (b, K)
             batch_scores = fused_scores(probabilities, distances[queries, :top], settings.rerank_fusion)
             order = np.argsort(-batch_scores, axis=1, kind="stable")                     # (b, K)
             reranked[queries, :top] = np.take_along_axis(predictions[queries, :top], order, axis=1)
@@ -255,6 +256,14 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return memory
 
 
+def eval_settings(args, device: torch.device) -> EvalSettings:
+    """EvalSettings from the evaluation flags (shared with train_reranking.py's validation)."""
+    return EvalSettings(image_size=tuple(args.resize), device=device, precision=args.precision,
+                        infer_batch_size=args.infer_batch_size, num_workers=args.num_workers,
+                        rerank_top=args.rerank_top, rerank_batch_size=args.rerank_batch_size,
+                        rerank_fusion=args.rerank_fusion, recall_values=args.recall_values)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = prgs_parser.parse_test_args(argv)
     output_folder = util.make_output_folder(args.save_dir, exact_folder=args.output_folder)
@@ -277,28 +286,26 @@ def main(argv: list[str] | None = None) -> dict:
         logger.warning("no --resume checkpoint: local_head and the reranker are untrained, so reranked recalls are "
                        "those of a random reranker")
     model = model.to(device)
+    settings = eval_settings(args, device)
     logger.info("model: %s, input %dx%d, %d nodes kept per image; device %s%s", model.config.backbone,
                 *args.resize, model.config.num_kept_nodes, device, " (faiss on GPU)" if faiss_uses_gpu(device) else "")
-    settings = EvalSettings(image_size=args.resize, device=device, precision=args.precision,
-                            infer_batch_size=args.infer_batch_size, num_workers=args.num_workers,
-                            rerank_top=args.rerank_top, rerank_batch_size=args.rerank_batch_size,
-                            rerank_fusion=args.rerank_fusion, recall_values=args.recall_values)
     evaluation = evaluate(model, index, settings, output_folder)
-    results = build_results(args, index, model, checkpoint, evaluation, device, time.perf_counter() - started)
+    results = build_results(args, args.split, index, model, checkpoint, evaluation, device,
+                            time.perf_counter() - started)
     write_outputs(args, output_folder, index, evaluation, results)
     logger.info("%s\n%s", index.summary(), recalls_table(evaluation))
     logger.info("results: %s", output_folder / "results.json")
     return results
 
 
-def build_results(args, index: PlaceIndex, model: PRGSNetwork, checkpoint, evaluation: Evaluation,
+def build_results(args, split: str, index: PlaceIndex, model: PRGSNetwork, checkpoint, evaluation: Evaluation,
                   device: torch.device, seconds: float) -> dict:
     """The machine-readable summary written to results.json (fields documented in the README)."""
     def by_name(recalls):
         return None if recalls is None else {f"R@{n}": round(v, 4) for n, v in recalls.items()}
 
     results = {
-        "dataset": {"name": args.dataset_name, "split": args.split, "root": str(index.root),
+        "dataset": {"name": args.dataset_name, "split": split, "root": str(index.root),
                     "database_num": index.database_num, "queries_num": index.queries_num,
                     "excluded_images": [{"path": p, "reason": r} for p, r in index.excluded]},
         "recalls": {"global": by_name(evaluation.global_recalls), "reranked": by_name(evaluation.reranked_recalls)},
@@ -311,7 +318,8 @@ def build_results(args, index: PlaceIndex, model: PRGSNetwork, checkpoint, evalu
         "model": model.config.to_dict(),
         "checkpoint": None if checkpoint is None else {"path": str(checkpoint.path), "layout": checkpoint.layout},
         "environment": {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-                        "faiss_gpu": faiss_uses_gpu(device)},
+                        "faiss_gpu": faiss_uses_gpu(device),
+                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "configuration": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                           if k != "model_config"},
     }
@@ -327,6 +335,7 @@ def build_results(args, index: PlaceIndex, model: PRGSNetwork, checkpoint, evalu
 
 
 def write_outputs(args, output_folder: Path, index: PlaceIndex, evaluation: Evaluation, results: dict) -> None:
+    output_folder.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(output_folder / "predictions.csv", index, evaluation)
     if args.dataset_name == "msls" and index.soft_positives_per_query is None:
         from msls import write_msls_submission
@@ -345,4 +354,4 @@ def write_outputs(args, output_folder: Path, index: PlaceIndex, evaluation: Eval
 
 
 if __name__ == "__main__":
-    main()
+    util.run_entry_point(main)

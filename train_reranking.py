@@ -37,10 +37,10 @@ from tqdm import tqdm
 import parser as prgs_parser
 import util
 from datasets_ws import BaseDataset, PlaceIndex, TupleDataset, load_split
-from mining import TupleMiner, Tuples, compute_global_descriptors, load_hard_negatives
+from mining import TupleMiner, Tuples, compute_global_descriptors, file_sha1, load_hard_negatives
 from model.backbone import patch_grid
 from model.network import PRGSNetwork
-from test import EvalSettings, evaluate, recalls_table
+from test import build_results, eval_settings, evaluate, recalls_table, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,9 @@ def run_round(model, optimizer, trainable, train_index: PlaceIndex, tuples: Tupl
     set_train_mode(model, args.train_stage)
     bar = tqdm(batches, desc=f"epoch {state.epoch:02d} round {state.round}", unit="step", leave=False)
     for images, image_ids in bar:
+        if args.max_steps and state.global_step >= args.max_steps:
+            checkpoint()
+            return False
         with util.autocast(device, args.precision):
             if cache is None:
                 loss, parts = tuple_loss(model, images.to(device, non_blocking=True), args.train_stage, args.margin,
@@ -283,6 +286,10 @@ def main(argv: list[str] | None = None) -> dict:
         hard_negatives, metadata = load_hard_negatives(args.hard_negatives, train_index, args.neg_hardness, hint)
         logger.info("hard negatives from %s (mined %s with %s)", args.hard_negatives, metadata.get("created"),
                     metadata.get("model_checkpoint"))
+        if args.resume and metadata.get("model_checkpoint_sha1") not in (None, file_sha1(args.resume)):
+            logger.warning("the hard negatives were mined with another model (%s) than --resume %s: they may not be "
+                           "the hardest for this one. Rebuild them with: %s", metadata.get("model_checkpoint"),
+                           args.resume, hint.replace("GLOBAL_MODEL", args.resume))
     miner = TupleMiner(train_index, args.mining, args.negs_num_per_query, args.neg_hardness, args.neg_samples_num,
                        hard_negatives)
 
@@ -296,15 +303,12 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("--resume %s (%s layout%s) initialises the weights only; training starts at epoch 0",
                     checkpoint.path, checkpoint.layout, f", stage {resumed_stage}" if resumed_stage else "")
 
-    eval_settings = EvalSettings(image_size=args.resize, device=device, precision=args.precision,
-                                 infer_batch_size=args.infer_batch_size, num_workers=args.num_workers,
-                                 rerank_top=args.rerank_top, rerank_batch_size=args.rerank_batch_size,
-                                 rerank_fusion=args.rerank_fusion, recall_values=args.recall_values)
+    settings = eval_settings(args, device)
     with_rerank = args.train_stage != "global"
     results = {"stage": args.train_stage, "datasets": {"train": train_index.summary(), "val": val_index.summary(),
                                                         "test": test_index.summary()}}
     if args.test_before_training and state.global_step == 0:
-        before = evaluate(model, test_index, eval_settings, output_folder / "work", with_rerank=with_rerank)
+        before = evaluate(model, test_index, settings, output_folder / "work", with_rerank=with_rerank)
         results["test_before_training"] = _recalls(before)
         logger.info("test before training (%s):\n%s", test_index.summary(), recalls_table(before))
 
@@ -344,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
             state.round, state.step_in_round, state.tuples = state.round + 1, 0, None
         if stopped == "max_steps":
             break
-        validation = evaluate(model, val_index, eval_settings, output_folder / "work", with_rerank=with_rerank)
+        validation = evaluate(model, val_index, settings, output_folder / "work", with_rerank=with_rerank)
         metric = (validation.reranked_recalls if with_rerank else validation.global_recalls)[args.recall_values[0]]
         improved = metric > state.best_metric
         mean_loss = state.loss_sum / max(1, state.loss_count)
@@ -379,8 +383,12 @@ def main(argv: list[str] | None = None) -> dict:
     if stopped != "max_steps" and state.best_epoch >= 0:
         best = util.open_checkpoint(output_folder / "best.pth")
         util.load_weights(model, best)
-        after = evaluate(model, test_index, eval_settings, output_folder / "work", with_rerank=with_rerank)
+        test_started = time.perf_counter()
+        after = evaluate(model, test_index, settings, output_folder / "work", with_rerank=with_rerank)
         results["test"] = _recalls(after)
+        test_results = build_results(args, args.test_split, test_index, model, best, after, device,
+                                     time.perf_counter() - test_started)
+        write_outputs(args, output_folder / "test", test_index, after, test_results)
         logger.info("test of the best model (epoch %d) on %s:\n%s", state.best_epoch, test_index.summary(),
                     recalls_table(after))
         if "test_before_training" in results:
@@ -402,9 +410,10 @@ def _log_before_after(results: dict, recall_values: list[int]) -> None:
     first = f"R@{recall_values[0]}"
     before, after = results["test_before_training"], results["test"]
     lines = [f"{'test ' + first:32}{'global':>10}{'reranked':>10}"]
+    if before["global"] is None:
+        return  # no ground truth on this split (MSLS test)
     for label, values in (("before training", before), ("after training", after)):
-        reranked = values["reranked"][first] if values["reranked"] else float("nan")
-        lines.append(f"{label:32}{values['global'][first]:10.2f}{reranked:10.2f}")
+        lines.append(f"{label:32}{values['global'][first]:10.2f}{values['reranked'][first]:10.2f}")
     logger.info("\n".join(lines))
 
 
@@ -419,4 +428,4 @@ def _save_curves(output_folder: Path, history: list[dict], with_rerank: bool) ->
 
 
 if __name__ == "__main__":
-    main()
+    util.run_entry_point(main)

@@ -1,6 +1,7 @@
 """Checkpoints (this project's format and the reference's two layouts), logging, seeding, devices and timing."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -10,7 +11,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -157,20 +159,26 @@ def setup_logging(output_folder: Path | None, console_level: int = logging.INFO)
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
-def atomic_save(payload: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(binary file) on a temporary file in path's folder, then rename it onto path: a crash or an error
+    never leaves a half-written file, and the previous file stays until the new one is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(payload: Any, path: str | Path) -> None:
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda file: torch.save(payload, file))
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -259,7 +267,19 @@ def check_state_dict_compatible(target: dict[str, torch.Tensor], weights: dict[s
 
 
 def open_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Read a checkpoint of any supported layout and say which it is (and, for ours, the model configuration)."""
+    """Read a checkpoint of any supported layout and say which it is (and, for ours, the model configuration).
+
+    The last file read is kept (keyed by path, size and modification time): the parser and the model builder of one
+    run read the --resume file once."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    stat = path.stat()
+    return _open_checkpoint(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_checkpoint(path: str, size: int, modified_ns: int) -> LoadedCheckpoint:
     state = read_checkpoint(path)
     layout = checkpoint_layout(state)
     config = ModelConfig.from_dict(state["model_config"]) if layout == "prgs" else None
@@ -336,6 +356,20 @@ def checkpoint_payload(model: PRGSNetwork, **extra: Any) -> dict:
 def save_model(model: PRGSNetwork, path: str | Path, **extra: Any) -> None:
     """Write ``checkpoint_payload(model, **extra)`` atomically."""
     atomic_save(checkpoint_payload(model, **extra), path)
+
+
+def run_entry_point(main) -> None:
+    """Run a script's main(); the project's own errors (bad dataset, image, checkpoint or mining file) end the
+    program with their one-line message on stderr (exit status 2) instead of a traceback (kept in debug.log)."""
+    from datasets_ws import BadImageError, DatasetError
+    from mining import MiningFileError
+
+    try:
+        main()
+    except (DatasetError, BadImageError, CheckpointError, MiningFileError, FileNotFoundError) as error:
+        logger.debug("stopped by %s", type(error).__name__, exc_info=True)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

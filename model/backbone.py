@@ -62,25 +62,20 @@ def patch_grid(image_size: tuple[int, int], patch_size: int = PATCH_SIZE) -> tup
     return height // patch_size, width // patch_size
 
 
-def fit_pos_embed(patch_pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Positional embeddings (1, gh*gw, C) built for grid (gh, gw) -> (1, h*w, C) for another grid (h, w).
+def _square_grid_or_none(length: int) -> tuple[int, int] | None:
+    side = math.isqrt(length)
+    return (side, side) if side * side == length else None
+
+
+def fit_pos_embed(patch_pos: torch.Tensor, source_grid: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """Positional embeddings (1, gh*gw, C) built for source_grid (gh, gw) -> (1, h*w, C) for grid (h, w).
 
     Same grid: unchanged. A grid that fits inside: its centre crop (as the reference: 224x224 on a 480x640 model uses
     rows 8-21 and columns 13-26). A larger grid: bicubic enlargement by one factor for both axes (positions keep their
     spacing ratio), then the centre crop. The reference instead resizes to a square and rescales about the centre.
     """
     _, length, channels = patch_pos.shape
-    return _fit_grid(patch_pos, grid, _square_grid_or_none(length))
-
-
-def _square_grid_or_none(length: int) -> tuple[int, int] | None:
-    side = math.isqrt(length)
-    return (side, side) if side * side == length else None
-
-
-def _fit_grid(patch_pos: torch.Tensor, grid: tuple[int, int], source_grid: tuple[int, int] | None) -> torch.Tensor:
-    _, length, channels = patch_pos.shape
-    if source_grid is None or source_grid[0] * source_grid[1] != length:
+    if source_grid[0] * source_grid[1] != length:
         raise ValueError(f"positional embedding of {length} patches does not match grid {source_grid}")
     (gh, gw), (h, w) = source_grid, grid
     if (gh, gw) == (h, w):
@@ -121,7 +116,7 @@ class DeiTBackbone(VisionTransformerDistilled):
     def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """(1, 2 + h*w, C): cls and dist embeddings unchanged, patch embeddings fitted to ``grid``."""
         prefix, patches = self.pos_embed[:, :2], self.pos_embed[:, 2:]
-        return torch.cat([prefix, _fit_grid(patches, grid, self.built_grid)], dim=1)
+        return torch.cat([prefix, fit_pos_embed(patches, self.built_grid, grid)], dim=1)
 
     def forward_prgs(self, images: torch.Tensor, with_local: bool = True) -> BackboneOutput:
         grid = patch_grid(tuple(images.shape[-2:]), self.patch_size)

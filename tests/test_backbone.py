@@ -79,7 +79,7 @@ def test_positional_embedding_unchanged_at_the_built_size_and_cropped_inside():
 
 def test_fit_pos_embed_enlarges_isotropically():
     patch_pos = torch.randn(1, 4 * 4, 3)
-    enlarged = fit_pos_embed(patch_pos, (8, 6))
+    enlarged = fit_pos_embed(patch_pos, (4, 4), (8, 6))
     assert enlarged.shape == (1, 48, 3) and torch.isfinite(enlarged).all()
 
 

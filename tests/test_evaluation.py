@@ -87,11 +87,16 @@ def test_store_refuses_incomplete_writes_and_wrong_shapes(tmp_path):
 
 
 class _InMemoryNodes:
+    """The store's interface over float32 nodes held in memory (no float16 rounding)."""
+
     def __init__(self, nodes: torch.Tensor):
         self.nodes = nodes
 
-    def read(self, indices):
-        return self.nodes[torch.as_tensor(np.asarray(indices))]
+    def read_compact(self, indices):
+        return self.nodes[torch.as_tensor(np.asarray(indices))], None
+
+    def expand(self, nodes, positions, device="cpu"):
+        return nodes.to(device)
 
 
 def test_reranked_order_from_the_store_equals_float32_in_memory(small_toy_world, trained_toy_checkpoint, tmp_path):

@@ -121,3 +121,16 @@ def test_candidate_scores_depend_on_the_group():
     with torch.no_grad():
         before, after = reranker(nodes, (14, 14)), reranker(changed, (14, 14))
     assert not torch.allclose(before[:, 0], after[:, 0])
+
+
+def test_inference_path_equals_the_autograd_path_bit_for_bit():
+    """Under no_grad the graphs divide and add the diagonal in place; the values must not change at all."""
+    torch.manual_seed(4)
+    reranker = GraphReranker(node_dim=11, grid=(12, 16)).eval()
+    nodes = torch.randn(2, 5, 192, 11)
+    nodes[:, :, :30] = 0.0
+    with torch.no_grad():
+        inference = reranker(nodes, (12, 16))
+    training = reranker(nodes, (12, 16))
+    assert training.requires_grad
+    assert torch.equal(inference, training.detach())
