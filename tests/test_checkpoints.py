@@ -150,3 +150,16 @@ def test_resolve_device():
             util.resolve_device("cuda")
     with pytest.raises(ValueError, match="auto, cpu or cuda"):
         util.resolve_device("tpu")
+
+
+def test_reference_checkpoints_are_built_at_480x640_and_run_at_resize(full_keys, tmp_path, capsys):
+    import parser as prgs_parser
+    generator = torch.Generator().manual_seed(5)
+    path = tmp_path / "msls_train_prgs.pt"
+    torch.save({"model_state_dict": _stand_in(full_keys, "module.", generator)}, path)
+    args = prgs_parser.parse_test_args(["--dataset_name", "msls", "--resume", str(path), "--resize", "640", "480"])
+    assert args.model_config.image_size == (480, 640) and args.resize == (640, 480)   # portrait input, same regions
+    with pytest.raises(SystemExit):
+        prgs_parser.parse_test_args(["--dataset_name", "msls", "--resume", str(path), "--resize", "320", "320"])
+    assert "gives a 20x20 grid with 129 region nodes, but the model was built for 480x640 (385 regions)" in \
+        capsys.readouterr().err

@@ -193,3 +193,15 @@ def test_missing_dataset_and_incompatible_checkpoint_are_explained(tmp_path, mon
     torch.save({"model_state_dict": {"module.something": torch.zeros(1)}}, bad)
     with pytest.raises(SystemExit):
         evaluation_script.main(["--resume", str(bad), *TOY_ARGS])
+
+
+def test_scripts_print_dataset_errors_as_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    completed = subprocess.run([sys.executable, str(repo / "test.py"), "--dataset_name", "pitts30k",
+                                "--datasets_folder", str(tmp_path / "nowhere"), "--output_folder", str(tmp_path / "run")],
+                               capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert completed.returncode == 2
+    assert "error: datasets folder" in completed.stderr and "Traceback" not in completed.stderr
