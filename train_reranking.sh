@@ -27,7 +27,7 @@ fi
 DEMO=logs/toy_world_demo
 RUN="$DEMO/$(date +%Y-%m-%d_%H-%M-%S)"
 GLOBAL_MODEL="$DEMO/global_model"
-COMMON=(--dataset_name toy_world --num_workers 2 --seed 0)
+COMMON=(--dataset_name toy_world --num_workers 1 --seed 0)
 
 if [ ! -f "$GLOBAL_MODEL/best.pth" ]; then
   echo "== 1/3 fitting the global descriptor on the toy world (saved in $GLOBAL_MODEL, reused next time)"
