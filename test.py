@@ -160,9 +160,9 @@ def rerank(model: PRGSNetwork, store, predictions: np.ndarray, distances: np.nda
 # Whole evaluation
 
 def evaluate(model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, work_folder: Path,
-             keep_store: bool = False, with_rerank: bool = True) -> Evaluation:
+             with_rerank: bool = True) -> Evaluation:
     """Extract, retrieve, rerank and score one split. The local-feature store lives in work_folder/local_features
-    and is deleted at the end unless keep_store. with_rerank=False skips the reranking (reranked = global order)."""
+    and is deleted at the end. with_rerank=False skips the reranking (reranked = global order)."""
     store_folder = work_folder / "local_features"
     descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
     try:
@@ -181,8 +181,7 @@ def evaluate(model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, work
     finally:
         if store is not None:
             store.close()
-            if not keep_store:
-                shutil.rmtree(store_folder, ignore_errors=True)
+            shutil.rmtree(store_folder, ignore_errors=True)
     positives = index.soft_positives_per_query
     global_recalls = reranked_recalls = None
     if positives is not None:
