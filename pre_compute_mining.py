@@ -10,7 +10,6 @@ with metadata (dataset and model fingerprints, thresholds, date) that train_rera
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 import numpy as np
@@ -26,9 +25,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> str:
     args = prgs_parser.parse_mining_args(argv)
-    output_folder = util.make_output_folder(args.save_dir, exact_folder=args.output_folder)
-    util.setup_logging(output_folder)
-    logger.info("python %s", " ".join(sys.argv))
+    util.start_run(args)
     started = time.perf_counter()
     util.set_seed(args.seed)
     device = util.resolve_device(args.device)

@@ -14,7 +14,6 @@ import logging
 import platform
 import resource
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -265,11 +264,7 @@ def eval_settings(args, device: torch.device) -> EvalSettings:
 
 def main(argv: list[str] | None = None) -> dict:
     args = prgs_parser.parse_test_args(argv)
-    output_folder = util.make_output_folder(args.save_dir, exact_folder=args.output_folder)
-    util.setup_logging(output_folder)
-    logger.info("python %s", " ".join(sys.argv))
-    logger.info("arguments: %s", {k: v for k, v in vars(args).items() if k != "model_config"})
-    logger.info("outputs in %s", output_folder)
+    output_folder = util.start_run(args)
     started = time.perf_counter()
     util.set_seed(args.seed)
     device = util.resolve_device(args.device)
@@ -297,17 +292,21 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def recalls_by_name(evaluation: Evaluation) -> dict:
+    """{"global": {"R@N": percent}, "reranked": {...}}, None for a split without ground truth."""
+    def by_name(recalls):
+        return None if recalls is None else {f"R@{n}": round(v, 4) for n, v in recalls.items()}
+    return {"global": by_name(evaluation.global_recalls), "reranked": by_name(evaluation.reranked_recalls)}
+
+
 def build_results(args, split: str, index: PlaceIndex, model: PRGSNetwork, checkpoint, evaluation: Evaluation,
                   device: torch.device, seconds: float) -> dict:
     """The machine-readable summary written to results.json (fields documented in the README)."""
-    def by_name(recalls):
-        return None if recalls is None else {f"R@{n}": round(v, 4) for n, v in recalls.items()}
-
     results = {
         "dataset": {"name": args.dataset_name, "split": split, "root": str(index.root),
                     "database_num": index.database_num, "queries_num": index.queries_num,
                     "excluded_images": [{"path": p, "reason": r} for p, r in index.excluded]},
-        "recalls": {"global": by_name(evaluation.global_recalls), "reranked": by_name(evaluation.reranked_recalls)},
+        "recalls": recalls_by_name(evaluation),
         "rerank_top": evaluation.rerank_top,
         "timings": {**{k: round(v, 4) for k, v in evaluation.timings.items()}, "total_seconds": round(seconds, 2)},
         "memory": {k: round(v, 1) for k, v in peak_memory_mb(device).items()},
@@ -319,8 +318,7 @@ def build_results(args, split: str, index: PlaceIndex, model: PRGSNetwork, check
         "environment": {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
                         "faiss_gpu": faiss_uses_gpu(device),
                         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "configuration": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-                          if k != "model_config"},
+        "configuration": util.plain_args(args),
     }
     if args.dataset_name == "msls" and evaluation.global_recalls is not None:
         from msls import msls_map_at_k

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from datasets_ws import BaseDataset, PlaceIndex, TupleDataset, load_split
 from mining import TupleMiner, Tuples, compute_global_descriptors, file_sha1, load_hard_negatives
 from model.backbone import patch_grid
 from model.network import PRGSNetwork
-from test import build_results, eval_settings, evaluate, recalls_table, write_outputs
+from test import build_results, eval_settings, evaluate, recalls_by_name, recalls_table, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -183,11 +182,7 @@ def save_training_checkpoint(path: Path, model: PRGSNetwork, optimizer: torch.op
         "state": state.to_checkpoint(), "optimizer": optimizer.state_dict(),
         "scheduler": {"schedule": args.lr_schedule, "epoch": state.epoch, "lr_factor": lr_factor(state.epoch, args)},
         "rng": util.rng_states(), "previous_negatives": {"queries": queries, "negatives": negatives},
-    }, args=_plain_args(args))
-
-
-def _plain_args(args) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "model_config"}
+    }, args=util.plain_args(args))
 
 
 def restore_training(checkpoint, optimizer: torch.optim.Optimizer, miner: TupleMiner) -> TrainingState:
@@ -253,11 +248,7 @@ def run_round(model, optimizer, trainable, train_index: PlaceIndex, tuples: Tupl
 
 def main(argv: list[str] | None = None) -> dict:
     args = prgs_parser.parse_train_args(argv)
-    output_folder = util.make_output_folder(args.save_dir, exact_folder=args.output_folder)
-    util.setup_logging(output_folder)
-    logger.info("python %s", " ".join(sys.argv))
-    logger.info("arguments: %s", _plain_args(args))
-    logger.info("outputs in %s", output_folder)
+    output_folder = util.start_run(args)
     started = time.perf_counter()
     util.set_seed(args.seed)
     device = util.resolve_device(args.device)
@@ -309,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                         "test": test_index.summary()}}
     if args.test_before_training and state.global_step == 0:
         before = evaluate(model, test_index, settings, output_folder / "work", with_rerank=with_rerank)
-        results["test_before_training"] = _recalls(before)
+        results["test_before_training"] = recalls_by_name(before)
         logger.info("test before training (%s):\n%s", test_index.summary(), recalls_table(before))
 
     cache = None
@@ -353,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
         improved = metric > state.best_metric
         mean_loss = state.loss_sum / max(1, state.loss_count)
         state.history.append({"epoch": state.epoch, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-                              "val": _recalls(validation), "seconds": round(time.perf_counter() - epoch_start, 1)})
+                              "val": recalls_by_name(validation), "seconds": round(time.perf_counter() - epoch_start, 1)})
         logger.info("epoch %02d: mean loss %.5f, lr %.2e, %.0f s; validation on %s:\n%s", state.epoch, mean_loss,
                     optimizer.param_groups[0]["lr"], time.perf_counter() - epoch_start, val_index.summary(),
                     recalls_table(validation))
@@ -367,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
         state.epoch, state.round, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0
         write_last()
         if improved:
-            util.save_model(model, output_folder / "best.pth", metrics=state.history[-1], args=_plain_args(args))
+            util.save_model(model, output_folder / "best.pth", metrics=state.history[-1], args=util.plain_args(args))
         _save_curves(output_folder, state.history, with_rerank)
         if state.not_improved >= args.patience:
             stopped = "early_stopping"
@@ -385,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
         util.load_weights(model, best)
         test_started = time.perf_counter()
         after = evaluate(model, test_index, settings, output_folder / "work", with_rerank=with_rerank)
-        results["test"] = _recalls(after)
+        results["test"] = recalls_by_name(after)
         test_results = build_results(args, args.test_split, test_index, model, best, after, device,
                                      time.perf_counter() - test_started)
         write_outputs(args, output_folder / "test", test_index, after, test_results)
@@ -394,16 +385,10 @@ def main(argv: list[str] | None = None) -> dict:
         if "test_before_training" in results:
             _log_before_after(results, args.recall_values)
     results.update({"seconds": round(time.perf_counter() - started, 1), "model": model.config.to_dict(),
-                    "configuration": _plain_args(args)})
+                    "configuration": util.plain_args(args)})
     (output_folder / "results.json").write_text(json.dumps(results, indent=2))
     logger.info("results: %s", output_folder / "results.json")
     return results
-
-
-def _recalls(evaluation) -> dict:
-    def by_name(recalls):
-        return None if recalls is None else {f"R@{n}": round(v, 4) for n, v in recalls.items()}
-    return {"global": by_name(evaluation.global_recalls), "reranked": by_name(evaluation.reranked_recalls)}
 
 
 def _log_before_after(results: dict, recall_values: list[int]) -> None:

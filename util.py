@@ -358,6 +358,22 @@ def save_model(model: PRGSNetwork, path: str | Path, **extra: Any) -> None:
     atomic_save(checkpoint_payload(model, **extra), path)
 
 
+def start_run(args) -> Path:
+    """The output folder of a script's run (--output_folder, else logs/<save_dir>/<timestamp>), with logging set up
+    and the command line and arguments logged."""
+    output_folder = make_output_folder(args.save_dir, exact_folder=args.output_folder)
+    setup_logging(output_folder)
+    logger.info("python %s", " ".join(sys.argv))
+    logger.info("arguments: %s", plain_args(args))
+    logger.info("outputs in %s", output_folder)
+    return output_folder
+
+
+def plain_args(args) -> dict:
+    """The parsed flags as JSON-ready values (tuples as lists), without the derived model configuration."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "model_config"}
+
+
 def run_entry_point(main) -> None:
     """Run a script's main(); the project's own errors (bad dataset, image, checkpoint or mining file) end the
     program with their one-line message on stderr (exit status 2) instead of a traceback (kept in debug.log)."""

@@ -55,7 +55,7 @@ def bench_reranker(reranker: GraphReranker, repeats: int) -> list[dict]:
     for queries in (1, 4):
         nodes = reranker_input(queries).cuda()
         for label, precision in (("fp32", "fp32"), ("bf16 autocast", "bf16")):
-            def run():
+            def run(nodes=nodes, precision=precision):
                 with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
                     return reranker(nodes, (30, 40))
             torch.cuda.empty_cache()

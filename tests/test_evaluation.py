@@ -9,7 +9,7 @@ import torch
 import test as evaluation_script
 from datasets_ws import BaseDataset, load_split
 from feature_store import REFERENCE_BYTES_PER_IMAGE, LocalFeatureStore
-from model.network import ModelConfig, PRGSNetwork
+from model.network import ModelConfig
 from retrieval import exact_knn, fused_scores, recall_at_n
 
 TOY_ARGS = ["--num_workers", "0", "--infer_batch_size", "16"]

@@ -140,8 +140,8 @@ def test_loss_falls_within_a_few_dozen_steps(small_toy_world, tmp_path):
 
 
 def test_training_outputs_and_reference_resume_message(small_toy_world, tmp_path, caplog):
-    results = _train(small_toy_world, tmp_path / "run", "--train_stage", "global", "--epochs_num", "1",
-                     "--backbone_weights", "none", "--test_before_training")
+    _train(small_toy_world, tmp_path / "run", "--train_stage", "global", "--epochs_num", "1",
+           "--backbone_weights", "none", "--test_before_training")
     folder = tmp_path / "run"
     for name in ("info.log", "debug.log", "last.pth", "best.pth", "training_curves.png", "results.json"):
         assert (folder / name).is_file(), name
