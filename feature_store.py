@@ -1,17 +1,9 @@
-"""A compact on-disk store of local features: only the kept nodes, float16, with their grid positions.
-
-Files in the store folder:
-    store.json           format, version, num_images, grid (h, w), image_size (H, W), patch_size, num_kept,
-                         channels (1 + local_dim), dtypes
-    local_features.f16   (num_images, num_kept, 1 + local_dim) float16: [attention, f] of the kept nodes, grid order
-    local_index.u16      (num_images, num_kept) uint16 (uint32 when the grid has more than 65535 nodes): their grid
-                         positions, ascending
-
-Per image at 480x640 with 1000 of 1200 nodes kept and local_dim 128: 1000 * 129 * 2 + 1000 * 2 = 260,000 bytes,
-41% of the 628,800 bytes (1200 * 131 float32) the reference holds in RAM. ``read`` rebuilds the reranker input
-exactly up to float16 rounding of [attention, f]: coordinates are recomputed from the grid positions and the other
-rows are zero. Rows are read with plain file reads (no memory map), so the process holds only the rows it asked for.
+"""A compact on-disk store of local features: only the kept nodes, float16, with their grid positions
+(docs/feature_store.md). ``read`` rebuilds the reranker input exactly up to float16 rounding of [attention, f]: the
+coordinates are recomputed from the grid positions and the other rows are zero. Rows are read with plain file reads
+(no memory map), so the process holds only the rows it asked for.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,35 +17,53 @@ from model.local_features import NODE_PREFIX_DIM, node_coordinates
 
 STORE_FORMAT = "prgs-local-feature-store"
 STORE_VERSION = 1
-REFERENCE_BYTES_PER_IMAGE = 1200 * 131 * 4   # the reference's fp32 rows at 480x640
+REFERENCE_BYTES_PER_IMAGE = 1200 * 131 * 4  # the reference's fp32 rows at 480x640
 
 
 class LocalFeatureStore:
     """Write once (``create``, ``write`` rows in any order, ``close``), then ``open`` and ``read`` many times."""
 
-    def __init__(self, folder: str | Path, num_images: int, grid: tuple[int, int], image_size: tuple[int, int],
-                 patch_size: int, num_kept: int, local_dim: int):
+    def __init__(
+        self,
+        folder: str | Path,
+        num_images: int,
+        grid: tuple[int, int],
+        image_size: tuple[int, int],
+        patch_size: int,
+        num_kept: int,
+        local_dim: int,
+    ):
         self.folder = Path(folder)
         self.num_images, self.grid, self.image_size = num_images, tuple(grid), tuple(image_size)
         self.patch_size, self.num_kept, self.local_dim = patch_size, num_kept, local_dim
-        self.channels = 1 + local_dim                       # attention + f
+        self.channels = 1 + local_dim  # attention + f
         num_nodes = grid[0] * grid[1]
         self.index_dtype = np.dtype(np.uint16 if num_nodes <= np.iinfo(np.uint16).max else np.uint32)
         self.feature_row_bytes = num_kept * self.channels * 2
         self.index_row_bytes = num_kept * self.index_dtype.itemsize
-        self._coordinates = node_coordinates(self.grid, patch_size, self.image_size)   # (L, 2)
+        self._coordinates = node_coordinates(self.grid, patch_size, self.image_size)  # (L, 2)
         self._files: dict[str, object] = {}
 
     # -- creation -------------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, folder: str | Path, num_images: int, grid: tuple[int, int], image_size: tuple[int, int],
-               patch_size: int, num_kept: int, local_dim: int) -> "LocalFeatureStore":
+    def create(
+        cls,
+        folder: str | Path,
+        num_images: int,
+        grid: tuple[int, int],
+        image_size: tuple[int, int],
+        patch_size: int,
+        num_kept: int,
+        local_dim: int,
+    ) -> LocalFeatureStore:
         """A new, empty store (files pre-sized; an existing store in ``folder`` is replaced)."""
         store = cls(folder, num_images, grid, image_size, patch_size, num_kept, local_dim)
         store.folder.mkdir(parents=True, exist_ok=True)
-        (store.folder / "store.json").unlink(missing_ok=True)   # the header is written last, by close()
-        for name, row_bytes in (("local_features.f16", store.feature_row_bytes),
-                                ("local_index.u16", store.index_row_bytes)):
+        (store.folder / "store.json").unlink(missing_ok=True)  # the header is written last, by close()
+        for name, row_bytes in (
+            ("local_features.f16", store.feature_row_bytes),
+            ("local_index.u16", store.index_row_bytes),
+        ):
             with open(store.folder / name, "wb") as file:
                 file.truncate(num_images * row_bytes)
         store._written = np.zeros(num_images, dtype=bool)
@@ -65,14 +75,16 @@ class LocalFeatureStore:
         nodes = nodes.detach().float().cpu()
         batch, num_nodes, channels = nodes.shape
         if num_nodes != self.grid[0] * self.grid[1] or channels != NODE_PREFIX_DIM + self.local_dim:
-            raise ValueError(f"nodes {tuple(nodes.shape)} do not fit the store (grid {self.grid}, "
-                             f"{NODE_PREFIX_DIM + self.local_dim} channels)")
-        kept = nodes[..., 0] > 0                                            # (B, L): x > 0 for every kept node
+            raise ValueError(
+                f"nodes {tuple(nodes.shape)} do not fit the store (grid {self.grid}, "
+                f"{NODE_PREFIX_DIM + self.local_dim} channels)"
+            )
+        kept = nodes[..., 0] > 0  # (B, L): x > 0 for every kept node
         counts = kept.sum(1)
         if (counts != self.num_kept).any():
             raise ValueError(f"expected {self.num_kept} kept nodes per image, found {counts.tolist()}")
-        positions = kept.nonzero()[:, 1].reshape(batch, self.num_kept)      # (B, num_kept) ascending grid order
-        values = nodes[kept].reshape(batch, self.num_kept, channels)[..., 2:]   # (B, num_kept, 1 + local_dim)
+        positions = kept.nonzero()[:, 1].reshape(batch, self.num_kept)  # (B, num_kept) ascending grid order
+        values = nodes[kept].reshape(batch, self.num_kept, channels)[..., 2:]  # (B, num_kept, 1 + local_dim)
         features = values.numpy().astype(np.float16)
         index = positions.numpy().astype(self.index_dtype)
         features_file, index_file = self._open("r+b")
@@ -95,26 +107,44 @@ class LocalFeatureStore:
             file.close()
         self._files = {}
         if hasattr(self, "_written"):
-            header = dict(format=STORE_FORMAT, version=STORE_VERSION, num_images=self.num_images,
-                          grid=list(self.grid), image_size=list(self.image_size), patch_size=self.patch_size,
-                          num_kept=self.num_kept, local_dim=self.local_dim, feature_dtype="float16",
-                          index_dtype=self.index_dtype.name, bytes_per_image=self.bytes_per_image)
+            header = dict(
+                format=STORE_FORMAT,
+                version=STORE_VERSION,
+                num_images=self.num_images,
+                grid=list(self.grid),
+                image_size=list(self.image_size),
+                patch_size=self.patch_size,
+                num_kept=self.num_kept,
+                local_dim=self.local_dim,
+                feature_dtype="float16",
+                index_dtype=self.index_dtype.name,
+                bytes_per_image=self.bytes_per_image,
+            )
             (self.folder / "store.json").write_text(json.dumps(header, indent=2))
             del self._written
 
     # -- reading --------------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, folder: str | Path) -> "LocalFeatureStore":
+    def open(cls, folder: str | Path) -> LocalFeatureStore:
         folder = Path(folder)
         header_path = folder / "store.json"
         if not header_path.is_file():
             raise FileNotFoundError(f"{folder} is not a complete local-feature store (no store.json)")
         header = json.loads(header_path.read_text())
         if header.get("format") != STORE_FORMAT or header.get("version") != STORE_VERSION:
-            raise ValueError(f"{header_path}: expected {STORE_FORMAT} version {STORE_VERSION}, found "
-                             f"{header.get('format')} version {header.get('version')}")
-        return cls(folder, header["num_images"], tuple(header["grid"]), tuple(header["image_size"]),
-                   header["patch_size"], header["num_kept"], header["local_dim"])
+            raise ValueError(
+                f"{header_path}: expected {STORE_FORMAT} version {STORE_VERSION}, found "
+                f"{header.get('format')} version {header.get('version')}"
+            )
+        return cls(
+            folder,
+            header["num_images"],
+            tuple(header["grid"]),
+            tuple(header["image_size"]),
+            header["patch_size"],
+            header["num_kept"],
+            header["local_dim"],
+        )
 
     def read_compact(self, image_indices: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored rows of ``image_indices``, as on disk: ([attention, f] (n, num_kept, 1 + local_dim) float16,
@@ -130,8 +160,9 @@ class LocalFeatureStore:
             _read_exactly(index_file, positions[row], int(image) * self.index_row_bytes)
         return torch.from_numpy(features), torch.from_numpy(positions.astype(np.int64))
 
-    def expand(self, features: torch.Tensor, positions: torch.Tensor, device: torch.device | str = "cpu"
-               ) -> torch.Tensor:
+    def expand(
+        self, features: torch.Tensor, positions: torch.Tensor, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
         """Compact rows -> reranker input (n, L, 3 + local_dim) float32 on ``device``: coordinates from the grid
         positions, the other rows zero. On a GPU only the compact rows cross the bus."""
         features = features.to(device, non_blocking=True)
@@ -153,12 +184,14 @@ class LocalFeatureStore:
 
     def _open(self, mode: str):
         if not self._files:
-            self._files = {name: open(self.folder / name, mode, buffering=0)
-                           for name in ("local_features.f16", "local_index.u16")}
+            self._files = {
+                name: open(self.folder / name, mode, buffering=0)  # noqa: SIM115 (closed by close())
+                for name in ("local_features.f16", "local_index.u16")
+            }
         return self._files["local_features.f16"], self._files["local_index.u16"]
 
 
 def _read_exactly(file, array: np.ndarray, offset: int) -> None:
     view = memoryview(array).cast("B")
     if os.preadv(file.fileno(), [view], offset) != view.nbytes:
-        raise IOError(f"{file.name}: short read at byte {offset} (the store is truncated)")
+        raise OSError(f"{file.name}: short read at byte {offset} (the store is truncated)")

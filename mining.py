@@ -1,34 +1,31 @@
 """Hard-negative mining: the offline hard-negative file, and the online tuple miner used during training.
 
-Hard-negative file (written by pre_compute_mining.py, read by train_reranking.py --mining global), an .npz with
-    hard_negatives   (Nq, N) int64: for each training query (in the training split's query order) the database
-                     indices most similar in global-descriptor space, soft positives removed, padded with -1
-    metadata         a JSON string: format, version, dataset name/split, sha1 fingerprints of the query and
-                     database path lists and of the model checkpoint, N, the distance thresholds, the date
-Training refuses a file whose dataset fingerprint differs from its training split, and says how to rebuild it.
+The hard-negative file (written by pre_compute_mining.py, read by train_reranking.py --mining global) is described
+in docs/hard_negatives.md; training refuses a file made for other images and says how to rebuild it.
 
 Tuples: (query, best positive, negatives). The best positive is the hard positive (10 m) nearest to the query in
-descriptor space. Negatives by mode (SPEC 3.3): "global" samples from the first --neg_hardness entries of the file;
+descriptor space. Negatives by mode: "global" samples from the first --neg_hardness entries of the file;
 "partial" takes the hardest among --neg_samples_num random database images; "full" the hardest among those and
 the query's previous negatives; "random" samples at random. Soft positives (25 m) and -1 are never negatives.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.utils.data
 from tqdm import tqdm
 
-import util
-from datasets_ws import BaseDataset, PlaceIndex
+from places.index import PlaceIndex
 from retrieval import exact_knn
+from util import PRGSError, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -37,37 +34,13 @@ HARD_NEGATIVES_VERSION = 1
 MINING_MODES = ("global", "partial", "full", "random")
 
 
-class MiningFileError(ValueError):
+class MiningFileError(PRGSError, ValueError):
     """A hard-negative file that is missing, malformed or made for another dataset; the message says how to rebuild."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Descriptors
-
-def compute_global_descriptors(model, index: PlaceIndex, image_ids: np.ndarray, image_size: tuple[int, int],
-                               device: torch.device, batch_size: int, num_workers: int, precision: str = "fp32",
-                               description: str = "global descriptors") -> np.ndarray:
-    """Global descriptors (n, D) float32 of the images ``image_ids`` (global indices of ``index``), global-only mode."""
-    image_ids = np.asarray(image_ids, dtype=np.int64)
-    dataset = torch.utils.data.Subset(BaseDataset(index, image_size), image_ids.tolist())
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda", generator=torch.Generator())
-    descriptors = np.empty((len(image_ids), model.config.fc_output_dim), dtype=np.float32)
-    was_training = model.training
-    model.eval()
-    start = 0
-    with torch.inference_mode():
-        for images, _ in tqdm(loader, desc=description, unit="batch", leave=False):
-            with util.autocast(device, precision):
-                batch = model(images.to(device, non_blocking=True), global_only=True)
-            descriptors[start:start + len(batch)] = batch.float().cpu().numpy()
-            start += len(batch)
-    model.train(was_training)
-    return descriptors
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The offline hard-negative file
+
 
 def fingerprint_lines(lines: list[str]) -> str:
     return hashlib.sha1("\n".join(lines).encode()).hexdigest()
@@ -75,8 +48,10 @@ def fingerprint_lines(lines: list[str]) -> str:
 
 def dataset_fingerprints(index: PlaceIndex) -> dict[str, str]:
     """sha1 of the query and database path lists: a file mined for other images (or another order) is stale."""
-    return {"queries_sha1": fingerprint_lines(index.queries_paths),
-            "database_sha1": fingerprint_lines(index.database_paths)}
+    return {
+        "queries_sha1": fingerprint_lines(index.queries_paths),
+        "database_sha1": fingerprint_lines(index.database_paths),
+    }
 
 
 def file_sha1(path: str | Path) -> str:
@@ -87,8 +62,13 @@ def file_sha1(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def hard_negatives_from_descriptors(database: np.ndarray, queries: np.ndarray, soft_positives: list[np.ndarray],
-                                    num_negatives: int, chunk_size: int = 1024) -> np.ndarray:
+def hard_negatives_from_descriptors(
+    database: np.ndarray,
+    queries: np.ndarray,
+    soft_positives: list[np.ndarray],
+    num_negatives: int,
+    chunk_size: int = 1024,
+) -> np.ndarray:
     """(Nq, num_negatives) int64: per query the most similar database images that are not soft positives, in
     similarity order, padded with -1. Queries are processed in chunks, so memory stays bounded."""
     result = np.full((len(queries), num_negatives), -1, dtype=np.int64)
@@ -99,20 +79,29 @@ def hard_negatives_from_descriptors(database: np.ndarray, queries: np.ndarray, s
         _, neighbours = exact_knn(database, queries[start:stop], k)
         for row, query in enumerate(range(start, stop)):
             negatives = neighbours[row][~np.isin(neighbours[row], soft_positives[query])][:num_negatives]
-            result[query, :len(negatives)] = negatives
+            result[query, : len(negatives)] = negatives
     return result
 
 
 def save_hard_negatives(path: str | Path, hard_negatives: np.ndarray, metadata: dict) -> None:
     """Write the .npz atomically (temporary file, then rename)."""
-    metadata = {"format": HARD_NEGATIVES_FORMAT, "version": HARD_NEGATIVES_VERSION,
-                "created": datetime.now().isoformat(timespec="seconds"), **metadata}
-    util.atomic_write(path, lambda file: np.savez(file, hard_negatives=hard_negatives.astype(np.int64),
-                                                  metadata=np.array(json.dumps(metadata))))
+    metadata = {
+        "format": HARD_NEGATIVES_FORMAT,
+        "version": HARD_NEGATIVES_VERSION,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        **metadata,
+    }
+    atomic_write(
+        path,
+        lambda file: np.savez(
+            file, hard_negatives=hard_negatives.astype(np.int64), metadata=np.array(json.dumps(metadata))
+        ),
+    )
 
 
-def load_hard_negatives(path: str | Path, index: PlaceIndex, min_columns: int, rebuild_hint: str
-                        ) -> tuple[np.ndarray, dict]:
+def load_hard_negatives(
+    path: str | Path, index: PlaceIndex, min_columns: int, rebuild_hint: str
+) -> tuple[np.ndarray, dict]:
     """The hard-negative list for training split ``index``; MiningFileError (with ``rebuild_hint``) when the file
     is missing, malformed, made for other images, or has fewer than ``min_columns`` columns."""
     path = Path(path)
@@ -122,20 +111,27 @@ def load_hard_negatives(path: str | Path, index: PlaceIndex, min_columns: int, r
         with np.load(path, allow_pickle=False) as data:
             hard_negatives, metadata = data["hard_negatives"], json.loads(str(data["metadata"]))
     except Exception as error:
-        raise MiningFileError(f"cannot read hard-negative file {path} ({error}). Rebuild it with: {rebuild_hint}")
+        raise MiningFileError(
+            f"cannot read hard-negative file {path} ({error}). Rebuild it with: {rebuild_hint}"
+        ) from error
     if metadata.get("format") != HARD_NEGATIVES_FORMAT or metadata.get("version") != HARD_NEGATIVES_VERSION:
-        raise MiningFileError(f"{path} is not a {HARD_NEGATIVES_FORMAT} v{HARD_NEGATIVES_VERSION} file (found "
-                              f"{metadata.get('format')} v{metadata.get('version')}). Rebuild it with: {rebuild_hint}")
+        raise MiningFileError(
+            f"{path} is not a {HARD_NEGATIVES_FORMAT} v{HARD_NEGATIVES_VERSION} file (found "
+            f"{metadata.get('format')} v{metadata.get('version')}). Rebuild it with: {rebuild_hint}"
+        )
     expected = dataset_fingerprints(index)
     stale = [k for k, v in expected.items() if metadata.get(k) != v]
     if stale or hard_negatives.shape[0] != index.queries_num:
         raise MiningFileError(
             f"hard-negative file {path} was mined for another dataset ({metadata.get('dataset')}, "
-            f"{hard_negatives.shape[0]} queries) than the training split {index.summary()}: {', '.join(stale) or 'size'}"
-            f" differ. Rebuild it with: {rebuild_hint}")
+            f"{hard_negatives.shape[0]} queries) than the training split {index.summary()}: "
+            f"{', '.join(stale) or 'size'} differ. Rebuild it with: {rebuild_hint}"
+        )
     if hard_negatives.shape[1] < min_columns:
-        raise MiningFileError(f"{path} holds {hard_negatives.shape[1]} negatives per query but --neg_hardness asks "
-                              f"for {min_columns}. Rebuild it with a larger --num_hard_negatives: {rebuild_hint}")
+        raise MiningFileError(
+            f"{path} holds {hard_negatives.shape[1]} negatives per query but --neg_hardness asks "
+            f"for {min_columns}. Rebuild it with a larger --num_hard_negatives: {rebuild_hint}"
+        )
     if hard_negatives.min() < -1 or hard_negatives.max() >= index.database_num:
         raise MiningFileError(f"{path} holds indices outside [-1, {index.database_num}). Rebuild it: {rebuild_hint}")
     return hard_negatives, metadata
@@ -144,9 +140,11 @@ def load_hard_negatives(path: str | Path, index: PlaceIndex, min_columns: int, r
 # ----------------------------------------------------------------------------------------------------------------
 # Online mining of training tuples
 
+
 @dataclass
 class Tuples:
     """One mining round: queries (R,) query indices, positives (R,) and negatives (R, negs) database indices."""
+
     queries: np.ndarray
     positives: np.ndarray
     negatives: np.ndarray
@@ -155,15 +153,22 @@ class Tuples:
         return {name: torch.from_numpy(getattr(self, name)) for name in ("queries", "positives", "negatives")}
 
     @classmethod
-    def from_state(cls, state: dict) -> "Tuples":
+    def from_state(cls, state: dict) -> Tuples:
         return cls(*(state[name].numpy() for name in ("queries", "positives", "negatives")))
 
 
 class TupleMiner:
     """Builds each round's tuples; caches descriptors while the global model cannot change (frozen backbone)."""
 
-    def __init__(self, index: PlaceIndex, mode: str, negs_num_per_query: int, neg_hardness: int = 100,
-                 neg_samples_num: int = 1000, hard_negatives: np.ndarray | None = None):
+    def __init__(
+        self,
+        index: PlaceIndex,
+        mode: str,
+        negs_num_per_query: int,
+        neg_hardness: int = 100,
+        neg_samples_num: int = 1000,
+        hard_negatives: np.ndarray | None = None,
+    ):
         if mode not in MINING_MODES:
             raise ValueError(f"mining mode must be one of {MINING_MODES}, got {mode!r}")
         if index.hard_positives_per_query is None or index.soft_positives_per_query is None:
@@ -172,15 +177,24 @@ class TupleMiner:
             raise ValueError("mining 'global' needs the hard-negative file (--hard_negatives)")
         available = index.database_num - max(len(p) for p in index.soft_positives_per_query)
         if negs_num_per_query > available:
-            raise ValueError(f"--negs_num_per_query {negs_num_per_query} exceeds the {available} database images "
-                             f"that are not positives of some query")
+            raise ValueError(
+                f"--negs_num_per_query {negs_num_per_query} exceeds the {available} database images "
+                f"that are not positives of some query"
+            )
         self.index, self.mode, self.negs_num_per_query = index, mode, negs_num_per_query
         self.neg_hardness, self.neg_samples_num, self.hard_negatives = neg_hardness, neg_samples_num, hard_negatives
         self.previous_negatives: dict[int, np.ndarray] = {}
         self.cached_descriptors: dict[int, np.ndarray] = {}
 
-    def mine(self, queries: np.ndarray, rng: np.random.Generator, describe, global_model_frozen: bool) -> Tuples:
-        """Tuples for ``queries`` (query indices). describe(image_ids) -> descriptors (n, D) of global indices."""
+    def mine(
+        self,
+        queries: np.ndarray,
+        rng: np.random.Generator,
+        global_descriptors_of: Callable[[np.ndarray], np.ndarray],
+        global_model_frozen: bool,
+    ) -> Tuples:
+        """Tuples for ``queries`` (query indices). global_descriptors_of(image_ids) -> descriptors (n, D) of those
+        images (global indices)."""
         index = self.index
         if not global_model_frozen:
             self.cached_descriptors.clear()
@@ -194,7 +208,7 @@ class TupleMiner:
             needed.update(int(d) for d in sampled_database)
         if self.mode == "full":
             needed.update(int(d) for q in queries for d in self.previous_negatives.get(int(q), ()))
-        self._describe_missing(sorted(needed), describe)
+        self._add_missing_descriptors(sorted(needed), global_descriptors_of)
 
         positives = np.array([self._best_positive(q) for q in queries], dtype=np.int64)
         negatives = np.stack([self._negatives(q, rng, sampled_database) for q in queries])
@@ -202,10 +216,12 @@ class TupleMiner:
             self.previous_negatives.update({int(q): n for q, n in zip(queries, negatives)})
         return Tuples(np.asarray(queries, dtype=np.int64), positives, negatives)
 
-    def _describe_missing(self, image_ids: list[int], describe) -> None:
+    def _add_missing_descriptors(
+        self, image_ids: list[int], global_descriptors_of: Callable[[np.ndarray], np.ndarray]
+    ) -> None:
         missing = np.array([i for i in image_ids if i not in self.cached_descriptors], dtype=np.int64)
         if len(missing):
-            for image_id, descriptor in zip(missing, describe(missing)):
+            for image_id, descriptor in zip(missing, global_descriptors_of(missing)):
                 self.cached_descriptors[int(image_id)] = descriptor
 
     def _descriptors(self, image_ids) -> np.ndarray:
@@ -222,7 +238,7 @@ class TupleMiner:
         count = self.negs_num_per_query
         soft_positives = self.index.soft_positives_per_query[query]
         if self.mode == "global":
-            pool = self.hard_negatives[query, :self.neg_hardness]
+            pool = self.hard_negatives[query, : self.neg_hardness]
             pool = pool[(pool >= 0) & ~np.isin(pool, soft_positives)]
             if len(pool) >= count:
                 return rng.choice(pool, count, replace=False)
@@ -241,8 +257,11 @@ class TupleMiner:
             hardest = np.concatenate([hardest, self._random_negatives(query, rng, count - len(hardest), hardest)])
         return hardest
 
-    def _random_negatives(self, query: int, rng: np.random.Generator, count: int,
-                          exclude: np.ndarray = np.empty(0, dtype=np.int64)) -> np.ndarray:
-        forbidden = np.union1d(self.index.soft_positives_per_query[query], exclude)
+    def _random_negatives(
+        self, query: int, rng: np.random.Generator, count: int, exclude: np.ndarray | None = None
+    ) -> np.ndarray:
+        forbidden = self.index.soft_positives_per_query[query]
+        if exclude is not None:
+            forbidden = np.union1d(forbidden, exclude)
         allowed = np.setdiff1d(np.arange(self.index.database_num), forbidden)
         return rng.choice(allowed, count, replace=False)

@@ -5,6 +5,7 @@ given with --resume (this project's checkpoints carry their configuration), then
 built-in toy world uses a small DeiT at a low resolution so it runs on a CPU; every other dataset uses the
 reference's settings (DeiT-S distilled, 480x640, 1000 of 1200 nodes kept, top-100 reranking).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,20 +13,38 @@ import logging
 from pathlib import Path
 
 from model.backbone import BACKBONES, patch_grid
+from model.checkpoint import CheckpointError, open_checkpoint
 from model.network import ModelConfig
 from model.reranker import num_regions
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_PRESET = dict(backbone="deit_small", resize=(480, 640), rerank_top=100, infer_batch_size=32,
-                        rerank_batch_size=2)
-TOY_WORLD_PRESET = dict(backbone="deit_micro", resize=(144, 192), local_dim=32, rerank_top=20, infer_batch_size=32,
-                        rerank_batch_size=8)
+# The model flags' defaults are ModelConfig's (the reference's settings); a preset changes some of them per dataset.
+REFERENCE_PRESET = dict(rerank_top=100, infer_batch_size=32, rerank_batch_size=2)
+TOY_WORLD_PRESET = dict(
+    backbone="deit_micro", resize=(144, 192), local_dim=32, rerank_top=20, infer_batch_size=32, rerank_batch_size=8
+)
 PRESETS = {"toy_world": TOY_WORLD_PRESET}
+_DEFAULT_CONFIG = ModelConfig()
+MODEL_DEFAULTS = dict(
+    backbone=_DEFAULT_CONFIG.backbone,
+    resize=_DEFAULT_CONFIG.image_size,
+    fc_output_dim=_DEFAULT_CONFIG.fc_output_dim,
+    local_dim=_DEFAULT_CONFIG.local_dim,
+    num_kept_nodes=None,
+    temperature=_DEFAULT_CONFIG.temperature,
+)  # None: 5/6 of the grid
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default after its help, except for flags whose default is filled in later (None): their
+    help says where the value comes from."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS, False) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _positive_int(text: str) -> int:
@@ -58,99 +77,185 @@ def _fraction(text: str) -> float:
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--datasets_folder", default="data",
-                       help="folder holding the datasets: <datasets_folder>/<dataset_name>/images/{train,val,test}/"
-                            "{database,queries} for VG-format datasets, <datasets_folder>/msls for MSLS. The toy "
-                            "world is generated here on first use")
-    group.add_argument("--dataset_name", default="toy_world",
-                       help="'toy_world' (built in, generated on first use), 'msls' (native Mapillary SLS), or "
-                            "the folder name of a VG-format dataset such as 'pitts30k'")
-    group.add_argument("--skip_bad_images", action="store_true",
-                       help="decode every image first and leave unreadable ones out (listed in the log and "
-                            "results.json) instead of stopping at the first one")
-    group.add_argument("--val_positive_dist_threshold", type=_positive_float, default=25.0,
-                       help="metres: database images this close to a query are correct answers (and are never "
-                            "used as training negatives)")
-    group.add_argument("--msls_cache_dir", default=None,
-                       help="where the MSLS index cache is kept (default <datasets_folder>/msls/prgs_index)")
+    group.add_argument(
+        "--datasets_folder",
+        default="data",
+        help="folder holding the datasets: <datasets_folder>/<dataset_name>/images/{train,val,test}/"
+        "{database,queries} for VG-format datasets, <datasets_folder>/msls for MSLS. The toy "
+        "world is generated here on first use",
+    )
+    group.add_argument(
+        "--dataset_name",
+        default="toy_world",
+        help="'toy_world' (built in, generated on first use), 'msls' (native Mapillary SLS), or "
+        "the folder name of a VG-format dataset such as 'pitts30k'",
+    )
+    group.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="decode every image first and leave unreadable ones out (listed in the log and "
+        "results.json) instead of stopping at the first one",
+    )
+    group.add_argument(
+        "--val_positive_dist_threshold",
+        type=_positive_float,
+        default=25.0,
+        help="metres: database images this close to a query are correct answers (and are never "
+        "used as training negatives)",
+    )
+    group.add_argument(
+        "--msls_cache_dir",
+        default=None,
+        help="where the MSLS index cache is kept (default <datasets_folder>/msls/prgs_index)",
+    )
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (unset flags come from --resume's checkpoint, else the dataset preset)")
-    group.add_argument("--backbone", choices=BACKBONES, default=None,
-                       help="global/local feature extractor: DeiT-distilled (timm) or a torchvision ResNet. "
-                            "Preset: deit_small; deit_micro (4 blocks, 128-d) for the toy world")
-    group.add_argument("--resize", type=_positive_int, nargs=2, metavar=("H", "W"), default=None,
-                       help="image size fed to the network, divisible by 16. Preset: 480 640; 144 192 for the toy "
-                            "world")
+    group.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default=None,
+        help="global/local feature extractor: DeiT-distilled (timm) or a torchvision ResNet. "
+        "Preset: deit_small; deit_micro (4 blocks, 128-d) for the toy world",
+    )
+    group.add_argument(
+        "--resize",
+        type=_positive_int,
+        nargs=2,
+        metavar=("H", "W"),
+        default=None,
+        help="image size fed to the network, divisible by 16. Preset: 480 640; 144 192 for the toy world",
+    )
     group.add_argument("--fc_output_dim", type=_positive_int, default=None, help="global descriptor size (256)")
-    group.add_argument("--local_dim", type=_positive_int, default=None,
-                       help="local descriptor size; nodes have 3 + local_dim channels (128; 32 for the toy world)")
-    group.add_argument("--num_kept_nodes", type=_positive_int, default=None,
-                       help="patch nodes kept per image, the rest (least attended) are zeroed (5/6 of the grid: "
-                            "1000 of 1200 at 480x640)")
+    group.add_argument(
+        "--local_dim",
+        type=_positive_int,
+        default=None,
+        help="local descriptor size; nodes have 3 + local_dim channels (128; 32 for the toy world)",
+    )
+    group.add_argument(
+        "--num_kept_nodes",
+        type=_positive_int,
+        default=None,
+        help="patch nodes kept per image, the rest (least attended) are zeroed (5/6 of the grid: "
+        "1000 of 1200 at 480x640)",
+    )
     group.add_argument("--temperature", type=_positive_float, default=None, help="graph softmax temperature (0.5)")
-    group.add_argument("--resume", default=None,
-                       help="checkpoint to load: this project's (rebuilds its own model), the reference's full PRGS "
-                            "checkpoint, or its global-only DeiT checkpoint (backbone only)")
-    group.add_argument("--non_strict_resume", action="store_true",
-                       help="load the keys of --resume that fit and log the rest, instead of refusing a checkpoint "
-                            "with missing, unexpected or mis-shaped keys")
-    group.add_argument("--backbone_weights", default="auto",
-                       help="ImageNet initialisation when not resuming: a local .pth/.safetensors file of timm's "
-                            "(DeiT) or torchvision's (ResNet) weights; 'auto' looks in timm's/torchvision's local "
-                            "cache and falls back to random weights with a warning; 'none' starts from random "
-                            "weights. Nothing is downloaded")
+    group.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint to load: this project's (rebuilds its own model), the reference's full PRGS "
+        "checkpoint, or its global-only DeiT checkpoint (backbone only)",
+    )
+    group.add_argument(
+        "--non_strict_resume",
+        action="store_true",
+        help="load the keys of --resume that fit and log the rest, instead of refusing a checkpoint "
+        "with missing, unexpected or mis-shaped keys",
+    )
+    group.add_argument(
+        "--backbone_weights",
+        default="auto",
+        help="ImageNet initialisation when not resuming: a local .pth/.safetensors file of timm's "
+        "(DeiT) or torchvision's (ResNet) weights; 'auto' looks in timm's/torchvision's local "
+        "cache and falls back to random weights with a warning; 'none' starts from random "
+        "weights. Nothing is downloaded",
+    )
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
     group = parser.add_argument_group("runtime")
-    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="where the network runs; auto picks cuda when available")
-    group.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                       help="bf16 runs the network under bfloat16 autocast (fast on recent GPUs; node ranking and "
-                            "scores stay float32)")
-    group.add_argument("--infer_batch_size", type=_positive_int, default=None,
-                       help="images per batch for feature extraction (preset 32)")
+    group.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where the network runs; auto picks cuda when available",
+    )
+    group.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16 runs the network under bfloat16 autocast (fast on recent GPUs; node ranking and "
+        "scores stay float32)",
+    )
+    group.add_argument(
+        "--infer_batch_size",
+        type=_positive_int,
+        default=None,
+        help="images per batch for feature extraction (preset 32)",
+    )
     group.add_argument("--num_workers", type=_non_negative_int, default=2, help="DataLoader worker processes")
-    group.add_argument("--save_dir", default=save_dir,
-                       help="outputs go to logs/<save_dir>/<YYYY-mm-dd_HH-MM-SS>/")
-    group.add_argument("--output_folder", default=None,
-                       help="write the outputs to this exact folder instead of logs/<save_dir>/<timestamp>/ "
-                            "(handy in scripts that chain runs)")
+    group.add_argument("--save_dir", default=save_dir, help="outputs go to logs/<save_dir>/<YYYY-mm-dd_HH-MM-SS>/")
+    group.add_argument(
+        "--output_folder",
+        default=None,
+        help="write the outputs to this exact folder instead of logs/<save_dir>/<timestamp>/ "
+        "(handy in scripts that chain runs)",
+    )
     group.add_argument("--seed", type=int, default=42, help="seed for python, numpy and torch")
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--rerank_top", type=_positive_int, default=None,
-                       help="candidates from global retrieval that the reranker re-sorts (preset 100; 20 for the toy "
-                            "world); clamped to the database size with a warning")
-    group.add_argument("--rerank_batch_size", type=_positive_int, default=None,
-                       help="queries per reranker call (preset 2; memory grows with it)")
-    group.add_argument("--rerank_fusion", type=_fraction, default=0.0,
-                       help="final score = (1 - w) * P(same place) + w * (1 + cosine similarity) / 2 of the global "
-                            "descriptors; 0 (default) ranks by the reranker alone, as the reference")
-    group.add_argument("--recall_values", type=_positive_int, nargs="+", default=[1, 5, 10, 20, 100],
-                       help="N of the recall@N values to report")
-    group.add_argument("--num_preds_to_save", type=_non_negative_int, default=0,
-                       help="if > 0, save a PNG per query with the query beside its top N global and reranked "
-                            "predictions (correct ones framed green, wrong ones red)")
-    group.add_argument("--save_only_wrong_preds", action="store_true",
-                       help="with --num_preds_to_save: only the queries whose reranked top-1 is wrong")
+    group.add_argument(
+        "--rerank_top",
+        type=_positive_int,
+        default=None,
+        help="candidates from global retrieval that the reranker re-sorts (preset 100; 20 for the toy "
+        "world); clamped to the database size with a warning",
+    )
+    group.add_argument(
+        "--rerank_batch_size",
+        type=_positive_int,
+        default=None,
+        help="queries per reranker call (preset 2; memory grows with it)",
+    )
+    group.add_argument(
+        "--rerank_fusion",
+        type=_fraction,
+        default=0.0,
+        help="final score = (1 - w) * P(same place) + w * (1 + cosine similarity) / 2 of the global "
+        "descriptors; 0 (default) ranks by the reranker alone, as the reference",
+    )
+    group.add_argument(
+        "--recall_values",
+        type=_positive_int,
+        nargs="+",
+        default=[1, 5, 10, 20, 100],
+        help="N of the recall@N values to report",
+    )
+    group.add_argument(
+        "--num_preds_to_save",
+        type=_non_negative_int,
+        default=0,
+        help="if > 0, save a PNG per query with the query beside its top N global and reranked "
+        "predictions (correct ones framed green, wrong ones red)",
+    )
+    group.add_argument(
+        "--save_only_wrong_preds",
+        action="store_true",
+        help="with --num_preds_to_save: only the queries whose reranked top-1 is wrong",
+    )
 
 
 def test_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="test.py", formatter_class=HelpFormatter,
+        prog="test.py",
+        formatter_class=HelpFormatter,
         description="Evaluate PRGS: extract global and local features, retrieve the top candidates with faiss, "
-                    "rerank them with the patch-to-region graph reranker, report recall@N.",
+        "rerank them with the patch-to-region graph reranker, report recall@N.",
         epilog="Examples:\n  python test.py                          # the built-in toy world\n"
-               "  python test.py --dataset_name pitts30k --datasets_folder /data --resume ckpt.pth\n"
-               "  python test.py --dataset_name msls --split val --datasets_folder /data --resume msls_prgs.pt")
+        "  python test.py --dataset_name pitts30k --datasets_folder /data --resume ckpt.pth\n"
+        "  python test.py --dataset_name msls --split val --datasets_folder /data --resume msls_prgs.pt",
+    )
     add_data_args(parser)
-    parser.add_argument("--split", choices=("train", "val", "test"), default="test",
-                        help="split to evaluate (MSLS: 'val' gives recalls, 'test' writes the challenge submission)")
+    parser.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        default="test",
+        help="split to evaluate (MSLS: 'val' gives recalls, 'test' writes the challenge submission)",
+    )
     add_model_args(parser)
     add_runtime_args(parser, save_dir="test")
     add_eval_args(parser)
@@ -158,77 +263,152 @@ def test_parser() -> argparse.ArgumentParser:
 
 
 def add_train_split_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--train_positives_dist_threshold", type=_positive_float, default=10.0,
-                        help="metres: database images this close to a training query are its positives; queries "
-                             "without one are left out of training")
+    parser.add_argument(
+        "--train_positives_dist_threshold",
+        type=_positive_float,
+        default=10.0,
+        help="metres: database images this close to a training query are its positives; queries "
+        "without one are left out of training",
+    )
 
 
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="train_reranking.py", formatter_class=HelpFormatter,
+        prog="train_reranking.py",
+        formatter_class=HelpFormatter,
         description="Train PRGS. Stage 'reranker' (the reference's default) freezes the backbone and trains "
-                    "local_head + reranker with cross-entropy on positive-vs-negative logits; 'full' also trains the "
-                    "backbone with a triplet loss on the global descriptors; 'global' trains the global descriptor "
-                    "alone (triplet loss). Validates on the val split every epoch, keeps last.pth and best.pth, "
-                    "stops early, then tests the best model on the test split.",
-        epilog="See train_reranking.sh for the reference's MSLS recipe and the toy-world demo.")
+        "local_head + reranker with cross-entropy on positive-vs-negative logits; 'full' also trains the "
+        "backbone with a triplet loss on the global descriptors; 'global' trains the global descriptor "
+        "alone (triplet loss). Validates on the val split every epoch, keeps last.pth and best.pth, "
+        "stops early, then tests the best model on the test split.",
+        epilog="See train_reranking.sh for the reference's MSLS recipe and the toy-world demo.",
+    )
     add_data_args(parser)
     add_train_split_args(parser)
-    parser.add_argument("--test_split", choices=("val", "test"), default="test",
-                        help="split for the final test of the best model; its outputs (as test.py's) go to "
-                             "<output>/test/ (MSLS test has no ground truth: the challenge files, no recalls)")
-    parser.add_argument("--test_before_training", action="store_true",
-                        help="also test the model before training, to report recalls before and after")
+    parser.add_argument(
+        "--test_split",
+        choices=("val", "test"),
+        default="test",
+        help="split for the final test of the best model; its outputs (as test.py's) go to "
+        "<output>/test/ (MSLS test has no ground truth: the challenge files, no recalls)",
+    )
+    parser.add_argument(
+        "--test_before_training",
+        action="store_true",
+        help="also test the model before training, to report recalls before and after",
+    )
     add_model_args(parser)
     add_runtime_args(parser, save_dir="train")
     add_eval_args(parser)
+    add_training_args(parser)
+    add_mining_args(parser)
+    add_optimiser_args(parser)
+    return parser
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--train_stage", choices=("reranker", "full", "global"), default="reranker",
-                       help="what is trained (see the description above)")
-    group.add_argument("--mining", choices=("global", "partial", "full", "random"), default="partial",
-                       help="negatives: 'global' samples from --hard_negatives (pre_compute_mining.py); 'partial' "
-                            "takes the hardest of --neg_samples_num random database images; 'full' also keeps each "
-                            "query's previous negatives; 'random' samples at random. Never a soft positive")
-    group.add_argument("--hard_negatives", default=None,
-                       help="hard-negative file written by pre_compute_mining.py (needed by --mining global)")
-    group.add_argument("--neg_hardness", type=_positive_int, default=100,
-                       help="--mining global samples negatives from this many of each query's hardest negatives")
-    group.add_argument("--negs_num_per_query", type=_positive_int, default=10,
-                       help="negatives per training query (a tuple has 2 + this many images)")
-    group.add_argument("--neg_samples_num", type=_positive_int, default=1000,
-                       help="random database images each mining round considers (partial/full mining)")
-    group.add_argument("--queries_per_epoch", type=_positive_int, default=5000, help="training queries per epoch")
-    group.add_argument("--cache_refresh_rate", type=_positive_int, default=1000,
-                       help="queries per mining round; negatives are mined again every this many queries "
-                            "(descriptors of a frozen global model are computed once and reused)")
-    group.add_argument("--train_batch_size", type=_positive_int, default=8, help="tuples per optimiser step")
+    group.add_argument(
+        "--train_stage",
+        choices=("reranker", "full", "global"),
+        default="reranker",
+        help="what is trained (see the description above)",
+    )
     group.add_argument("--epochs_num", type=_positive_int, default=50, help="maximum number of epochs")
-    group.add_argument("--patience", type=_positive_int, default=3,
-                       help="stop after this many epochs without a better validation R@1")
+    group.add_argument(
+        "--patience", type=_positive_int, default=3, help="stop after this many epochs without a better validation R@1"
+    )
+    group.add_argument("--train_batch_size", type=_positive_int, default=8, help="tuples per optimiser step")
+    group.add_argument(
+        "--cache_frozen_backbone",
+        action="store_true",
+        help="stage reranker only: compute every training image's (frozen) backbone outputs once and "
+        "keep them in RAM (L x C x 4 bytes per image), so each step runs only local_head and the "
+        "reranker. For small datasets such as the toy world",
+    )
+    group.add_argument(
+        "--checkpoint_every_steps",
+        type=_non_negative_int,
+        default=0,
+        help="also write last.pth every this many optimiser steps (0: at the end of each epoch "
+        "only); a resumed run continues exactly where the checkpoint was written",
+    )
+    group.add_argument(
+        "--max_steps",
+        type=_non_negative_int,
+        default=0,
+        help="stop after this many optimiser steps in all (0: no limit), writing last.pth so that "
+        "--resume continues exactly",
+    )
+
+
+def add_mining_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("mining")
+    group.add_argument(
+        "--mining",
+        choices=("global", "partial", "full", "random"),
+        default="partial",
+        help="negatives: 'global' samples from --hard_negatives (pre_compute_mining.py); 'partial' "
+        "takes the hardest of --neg_samples_num random database images; 'full' also keeps each "
+        "query's previous negatives; 'random' samples at random. Never a soft positive",
+    )
+    group.add_argument(
+        "--hard_negatives",
+        default=None,
+        help="hard-negative file written by pre_compute_mining.py (needed by --mining global)",
+    )
+    group.add_argument(
+        "--neg_hardness",
+        type=_positive_int,
+        default=100,
+        help="--mining global samples negatives from this many of each query's hardest negatives",
+    )
+    group.add_argument(
+        "--negs_num_per_query",
+        type=_positive_int,
+        default=10,
+        help="negatives per training query (a tuple has 2 + this many images)",
+    )
+    group.add_argument(
+        "--neg_samples_num",
+        type=_positive_int,
+        default=1000,
+        help="random database images each mining round considers (partial/full mining)",
+    )
+    group.add_argument("--queries_per_epoch", type=_positive_int, default=5000, help="training queries per epoch")
+    group.add_argument(
+        "--cache_refresh_rate",
+        type=_positive_int,
+        default=1000,
+        help="queries per mining round; negatives are mined again every this many queries "
+        "(descriptors of a frozen global model are computed once and reused)",
+    )
+
+
+def add_optimiser_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimiser")
     group.add_argument("--lr", type=_positive_float, default=1e-5, help="AdamW learning rate")
     group.add_argument("--weight_decay", type=float, default=0.03, help="AdamW weight decay")
-    group.add_argument("--lr_schedule", choices=("step", "cosine"), default="step",
-                       help="per epoch after warm-up: 'step' multiplies the lr by --lr_step_gamma every "
-                            "--lr_step_epochs epochs (the reference: x0.1 every 4); 'cosine' decays it to 0 at "
-                            "--epochs_num")
+    group.add_argument(
+        "--lr_schedule",
+        choices=("step", "cosine"),
+        default="step",
+        help="per epoch after warm-up: 'step' multiplies the lr by --lr_step_gamma every "
+        "--lr_step_epochs epochs (the reference: x0.1 every 4); 'cosine' decays it to 0 at "
+        "--epochs_num",
+    )
     group.add_argument("--lr_step_epochs", type=_positive_int, default=4, help="epochs between lr steps")
     group.add_argument("--lr_step_gamma", type=_positive_float, default=0.1, help="lr factor at each step")
-    group.add_argument("--warmup_epochs", type=_non_negative_int, default=0,
-                       help="epochs of linear warm-up from 0.1 x lr")
-    group.add_argument("--margin", type=_positive_float, default=0.1,
-                       help="triplet-loss margin on the global descriptors (stages full and global)")
-    group.add_argument("--cache_frozen_backbone", action="store_true",
-                       help="stage reranker only: compute every training image's (frozen) backbone outputs once and "
-                            "keep them in RAM (L x C x 4 bytes per image), so each step runs only local_head and the "
-                            "reranker. For small datasets such as the toy world")
+    group.add_argument(
+        "--warmup_epochs", type=_non_negative_int, default=0, help="epochs of linear warm-up from 0.1 x lr"
+    )
+    group.add_argument(
+        "--margin",
+        type=_positive_float,
+        default=0.1,
+        help="triplet-loss margin on the global descriptors (stages full and global)",
+    )
     group.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    group.add_argument("--checkpoint_every_steps", type=_non_negative_int, default=0,
-                       help="also write last.pth every this many optimiser steps (0: at the end of each epoch "
-                            "only); a resumed run continues exactly where the checkpoint was written")
-    group.add_argument("--max_steps", type=_non_negative_int, default=0,
-                       help="stop after this many optimiser steps in all (0: no limit), writing last.pth so that "
-                            "--resume continues exactly")
-    return parser
 
 
 def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -236,8 +416,10 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     apply_presets(args, parser)
     if args.queries_per_epoch % args.cache_refresh_rate:
-        parser.error(f"--queries_per_epoch {args.queries_per_epoch} must be a multiple of --cache_refresh_rate "
-                     f"{args.cache_refresh_rate}")
+        parser.error(
+            f"--queries_per_epoch {args.queries_per_epoch} must be a multiple of --cache_refresh_rate "
+            f"{args.cache_refresh_rate}"
+        )
     if args.cache_frozen_backbone and args.train_stage != "reranker":
         parser.error("--cache_frozen_backbone needs --train_stage reranker (the only stage with a frozen backbone)")
     if args.mining == "global" and not args.hard_negatives:
@@ -249,21 +431,29 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def mining_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pre_compute_mining.py", formatter_class=HelpFormatter,
+        prog="pre_compute_mining.py",
+        formatter_class=HelpFormatter,
         description="Compute global descriptors of the training split with a model and write, for every training "
-                    "query, its hardest negatives (most similar database images that are not soft positives), "
-                    "for train_reranking.py --mining global.")
+        "query, its hardest negatives (most similar database images that are not soft positives), "
+        "for train_reranking.py --mining global.",
+    )
     add_data_args(parser)
     add_train_split_args(parser)
     add_model_args(parser)
     add_runtime_args(parser, save_dir="mining")
     group = parser.add_argument_group("mining")
-    group.add_argument("--num_hard_negatives", type=_positive_int, default=200,
-                       help="negatives kept per query (rows are padded with -1 when fewer exist)")
-    group.add_argument("--chunk_size", type=_positive_int, default=1024,
-                       help="queries searched at a time (bounds memory)")
-    group.add_argument("--output", default=None,
-                       help="file to write (default result/<dataset_name>_hard_negatives.npz)")
+    group.add_argument(
+        "--num_hard_negatives",
+        type=_positive_int,
+        default=200,
+        help="negatives kept per query (rows are padded with -1 when fewer exist)",
+    )
+    group.add_argument(
+        "--chunk_size", type=_positive_int, default=1024, help="queries searched at a time (bounds memory)"
+    )
+    group.add_argument(
+        "--output", default=None, help="file to write (default result/<dataset_name>_hard_negatives.npz)"
+    )
     return parser
 
 
@@ -289,8 +479,6 @@ def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, rer
     it; the reference's files were all made at 480x640), while --resize is the input size, which may differ
     (positional embeddings are fitted) as long as the reranker gets the same region count (``reranks``).
     """
-    from util import CheckpointError, open_checkpoint
-
     checkpoint_config, built_size = None, None
     if getattr(args, "resume", None):
         if not Path(args.resume).is_file():
@@ -300,23 +488,29 @@ def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, rer
         except CheckpointError as error:
             parser.error(f"--resume {args.resume}: {error}")
         checkpoint_config = checkpoint.model_config
-        built_size = tuple(checkpoint_config.image_size) if checkpoint_config else REFERENCE_PRESET["resize"]
+        built_size = tuple(checkpoint_config.image_size) if checkpoint_config else MODEL_DEFAULTS["resize"]
     preset = dict(REFERENCE_PRESET, **PRESETS.get(args.dataset_name, {}))
     args.preset = "toy_world" if args.dataset_name in PRESETS else "reference"
     from_checkpoint = {}
     if checkpoint_config is not None:
-        from_checkpoint = dict(backbone=checkpoint_config.backbone, resize=tuple(checkpoint_config.image_size),
-                               fc_output_dim=checkpoint_config.fc_output_dim, local_dim=checkpoint_config.local_dim,
-                               num_kept_nodes=checkpoint_config.num_kept_nodes,
-                               temperature=checkpoint_config.temperature)
+        from_checkpoint = dict(
+            backbone=checkpoint_config.backbone,
+            resize=tuple(checkpoint_config.image_size),
+            fc_output_dim=checkpoint_config.fc_output_dim,
+            local_dim=checkpoint_config.local_dim,
+            num_kept_nodes=checkpoint_config.num_kept_nodes,
+            temperature=checkpoint_config.temperature,
+        )
         for name, value in from_checkpoint.items():
             given = getattr(args, name, None)
             if name != "resize" and given is not None and given != value:
-                parser.error(f"--{name} {given} conflicts with the checkpoint {args.resume}, which was trained with "
-                             f"{name}={value}; leave the flag out to use the checkpoint's value")
+                parser.error(
+                    f"--{name} {given} conflicts with the checkpoint {args.resume}, which was trained with "
+                    f"{name}={value}; leave the flag out to use the checkpoint's value"
+                )
     elif built_size is not None:
         from_checkpoint = dict(resize=built_size)
-    defaults = dict(dict(fc_output_dim=256, local_dim=128, temperature=0.5, num_kept_nodes=None), **preset)
+    defaults = dict(MODEL_DEFAULTS, **preset)
     for name, value in defaults.items():
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, from_checkpoint.get(name, value))
@@ -330,7 +524,8 @@ def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, rer
                 f"{num_regions(input_grid)} region nodes, but the model was built for "
                 f"{args.model_config.image_size[0]}x{args.model_config.image_size[1]} "
                 f"({num_regions(args.model_config.grid)} regions): its reranker cannot take it. Use the model's "
-                f"size, or one with the same region count (e.g. its portrait)")
+                f"size, or one with the same region count (e.g. its portrait)"
+            )
     except ValueError as error:
         parser.error(str(error))
     if hasattr(args, "recall_values"):
@@ -339,5 +534,29 @@ def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, rer
 
 def model_config_from_args(args: argparse.Namespace, image_size: tuple[int, int]) -> ModelConfig:
     """The ModelConfig the flags describe, built for ``image_size``."""
-    return ModelConfig(backbone=args.backbone, image_size=tuple(image_size), fc_output_dim=args.fc_output_dim,
-                       local_dim=args.local_dim, num_kept_nodes=args.num_kept_nodes, temperature=args.temperature)
+    return ModelConfig(
+        backbone=args.backbone,
+        image_size=tuple(image_size),
+        fc_output_dim=args.fc_output_dim,
+        local_dim=args.local_dim,
+        num_kept_nodes=args.num_kept_nodes,
+        temperature=args.temperature,
+    )
+
+
+def split_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of datasets_ws.load_split that the data flags set."""
+    options = dict(
+        positive_dist_threshold=args.val_positive_dist_threshold,
+        skip_bad_images=args.skip_bad_images,
+        num_workers=args.num_workers,
+        msls_cache_dir=args.msls_cache_dir,
+    )
+    if hasattr(args, "train_positives_dist_threshold"):
+        options["train_positive_dist_threshold"] = args.train_positives_dist_threshold
+    return options
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of model.checkpoint.build_model (besides args.model_config) that the flags set."""
+    return dict(resume=args.resume, backbone_weights=args.backbone_weights, strict=not args.non_strict_resume)

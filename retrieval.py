@@ -1,4 +1,5 @@
 """Global retrieval with faiss (exact L2), recall@N, and the optional fusion of reranker and global scores."""
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,9 @@ def faiss_uses_gpu(device: torch.device) -> bool:
     return device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def exact_knn(database: np.ndarray, queries: np.ndarray, k: int, device: torch.device | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+def exact_knn(
+    database: np.ndarray, queries: np.ndarray, k: int, device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact L2 nearest neighbours: database (Nd, D), queries (Nq, D) -> (squared distances, indices), (Nq, k).
 
     k must not exceed Nd (faiss would pad with -1). Runs on the GPU when faiss-gpu is installed and device is cuda.
@@ -39,22 +41,23 @@ def exact_knn(database: np.ndarray, queries: np.ndarray, k: int, device: torch.d
 def clamp_top_k(requested: int, database_num: int, what: str = "--rerank_top") -> int:
     """min(requested, database_num), with a warning when it clamps."""
     if requested > database_num:
-        logger.warning("%s %d is larger than the database (%d images): using %d", what, requested, database_num,
-                       database_num)
+        logger.warning(
+            "%s %d is larger than the database (%d images): using %d", what, requested, database_num, database_num
+        )
         return database_num
     return requested
 
 
-def recall_at_n(predictions: np.ndarray, positives: Sequence[np.ndarray], recall_values: Sequence[int]
-                ) -> dict[int, float]:
+def recall_at_n(
+    predictions: np.ndarray, positives: Sequence[np.ndarray], recall_values: Sequence[int]
+) -> dict[int, float]:
     """Percent of queries with a positive among the first N predictions, for each N (VG benchmark and MSLS
     definition). predictions (Nq, K); an N larger than K counts all K columns."""
     if len(predictions) != len(positives):
         raise ValueError(f"{len(predictions)} prediction rows for {len(positives)} queries")
-    first_hit = first_correct_rank(predictions, positives)           # (Nq,) 0-based, K when none
+    first_hit = first_correct_rank(predictions, positives)  # (Nq,) 0-based, K when none
     columns = predictions.shape[1]
-    return {n: float(100.0 * np.mean(first_hit < min(n, columns))) if len(first_hit) else 0.0
-            for n in recall_values}
+    return {n: float(100.0 * np.mean(first_hit < min(n, columns))) if len(first_hit) else 0.0 for n in recall_values}
 
 
 def first_correct_rank(predictions: np.ndarray, positives: Sequence[np.ndarray]) -> np.ndarray:

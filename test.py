@@ -1,353 +1,53 @@
-"""Evaluate PRGS on one split: extract -> store -> retrieve -> rerank -> recalls -> outputs.
+"""Evaluate PRGS on one split: extract, retrieve the top candidates with faiss, rerank them, report recall@N.
 
-    python test.py                                   # the built-in toy world (generated on first use)
-    python test.py --dataset_name msls --split val --datasets_folder /data --resume msls_prgs.pt
+    python3 test.py                       # the built-in toy world (generated on first use)
+    python3 test.py --dataset_name msls --split val --datasets_folder /data --resume resume/msls_train_prgs.pt
 
-Outputs go to logs/<save_dir>/<timestamp>/: info.log, debug.log, results.json, predictions.csv, and with
---num_preds_to_save pictures of the predictions. See the README for every field of results.json.
+Outputs go to logs/<save_dir>/<timestamp>/ (docs/outputs.md): info.log, debug.log, results.json, predictions.csv,
+and with --num_preds_to_save pictures of the predictions.
 """
+
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import platform
-import resource
-import shutil
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import numpy as np
-import torch
-import torch.utils.data
-from tqdm import tqdm
-
-import parser as prgs_parser
 import util
-from datasets_ws import BaseDataset, PlaceIndex, load_split
-from feature_store import REFERENCE_BYTES_PER_IMAGE, LocalFeatureStore
-from model.backbone import patch_grid
-from model.network import PRGSNetwork
-from retrieval import clamp_top_k, exact_knn, faiss_uses_gpu, first_correct_rank, fused_scores, recall_at_n
+from datasets_ws import load_split
+from evaluation import build_results, eval_settings, evaluate, recalls_table, write_outputs
+from model.checkpoint import build_model
+from parser import model_options, parse_test_args, split_options
+from retrieval import faiss_uses_gpu
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class EvalSettings:
-    image_size: tuple[int, int]
-    device: torch.device
-    precision: str = "fp32"
-    infer_batch_size: int = 32
-    num_workers: int = 2
-    rerank_top: int = 100
-    rerank_batch_size: int = 2
-    rerank_fusion: float = 0.0
-    recall_values: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 100])
-
-
-@dataclass
-class Evaluation:
-    """Everything one evaluation produced. Predictions are database indices, (Nq, K) with K >= rerank_top."""
-    global_predictions: np.ndarray
-    global_distances: np.ndarray
-    reranked_predictions: np.ndarray
-    rerank_scores: np.ndarray                  # (Nq, rerank_top) final score of each reranked candidate, in order
-    rerank_top: int
-    global_recalls: dict[int, float] | None    # percent; None without ground truth (MSLS test)
-    reranked_recalls: dict[int, float] | None
-    timings: dict[str, float]
-    store_bytes_per_image: int
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Extraction
-
-def extract_features(model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, store_folder: Path | None
-                     ) -> tuple[np.ndarray, LocalFeatureStore | None, dict[str, float]]:
-    """Global descriptors (N, D) in RAM and local features in a LocalFeatureStore, database first, then queries.
-
-    Returns (descriptors, the store opened for reading, timings): extraction_ms_per_image (loading included) and
-    forward_ms_per_image (network only, device synchronised), each for database and queries. With store_folder
-    None only global descriptors are computed (global-only forward) and no store is returned.
-    """
-    store = None
-    if store_folder is not None:
-        store = LocalFeatureStore.create(store_folder, len(index), patch_grid(settings.image_size), settings.image_size,
-                                         model.backbone.patch_size, model.config.num_kept_nodes, model.config.local_dim)
-    descriptors = np.empty((len(index), model.config.fc_output_dim), dtype=np.float32)
-    dataset = BaseDataset(index, settings.image_size)
-    timings = {}
-    model.eval()
-    for part, indices in (("database", range(index.database_num)), ("queries", range(index.database_num, len(index)))):
-        subset = torch.utils.data.Subset(dataset, list(indices))
-        loader = torch.utils.data.DataLoader(subset, batch_size=settings.infer_batch_size,
-                                             num_workers=settings.num_workers,
-                                             pin_memory=settings.device.type == "cuda", generator=torch.Generator())
-        forward = util.Stopwatch(settings.device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            for images, image_indices in tqdm(loader, desc=f"extracting {part}", unit="batch", leave=False):
-                with forward, util.autocast(settings.device, settings.precision):
-                    output = model(images.to(settings.device, non_blocking=True), global_only=store is None)
-                global_descriptors = output if store is None else output[0]
-                descriptors[image_indices.numpy()] = global_descriptors.float().cpu().numpy()
-                if store is not None:
-                    store.write(image_indices.numpy(), output[1])
-        elapsed = time.perf_counter() - start
-        count = max(1, len(subset))
-        timings[f"extraction_ms_per_image_{part}"] = 1000 * elapsed / count
-        timings[f"forward_ms_per_image_{part}"] = 1000 * forward.seconds / count
-    if store is None:
-        return descriptors, None, timings
-    store.close()
-    return descriptors, LocalFeatureStore.open(store_folder), timings
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reranking
-
-def rerank(model: PRGSNetwork, store, predictions: np.ndarray, distances: np.ndarray,
-           database_num: int, settings: EvalSettings) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Re-sort each query's first ``settings.rerank_top`` candidates by the reranker's probability (optionally fused
-    with the global similarity).
-
-    predictions / distances (Nq, K >= rerank_top) from global retrieval -> (reranked predictions (Nq, K) with the
-    columns after rerank_top left in global order, final scores (Nq, rerank_top), timings). ``store`` is a
-    LocalFeatureStore (or anything with its read_compact/expand): the next batch of queries is read in a background
-    thread while this one runs, and rows are expanded to the reranker's input on the device.
-    """
-    top = settings.rerank_top
-    num_queries = len(predictions)
-    grid = patch_grid(settings.image_size)
-    reranked = predictions.copy()
-    scores = np.empty((num_queries, top), dtype=np.float32)
-    batches = [np.arange(s, min(s + settings.rerank_batch_size, num_queries))
-               for s in range(0, num_queries, settings.rerank_batch_size)]
-
-    def read_batch(queries: np.ndarray):
-        """Compact rows of the queries and their candidates (file reads only; runs in the background thread)."""
-        return store.read_compact(np.concatenate([database_num + queries, predictions[queries, :top].reshape(-1)]))
-
-    forward = util.Stopwatch(settings.device)
-    start = time.perf_counter()
-    model.eval()
-    with ThreadPoolExecutor(max_workers=1) as reader, torch.inference_mode():
-        pending = reader.submit(read_batch, batches[0]) if batches else None
-        for number, queries in enumerate(tqdm(batches, desc="reranking", unit="batch", leave=False)):
-            compact = pending.result()
-            if number + 1 < len(batches):
-                pending = reader.submit(read_batch, batches[number + 1])
-            nodes = store.expand(*compact, device=settings.device)                       # (b + b*K, L, C)
-            query_nodes = nodes[:len(queries)]                                             # (b, L, C)
-            candidate_nodes = nodes[len(queries):].reshape(len(queries), top, *nodes.shape[1:])   # (b, K, L, C)
-            with forward, util.autocast(settings.device, settings.precision):
-                probabilities = model.rerank(query_nodes, candidate_nodes, grid=grid).float().cpu().numpy()  # (b, K)
-            batch_scores = fused_scores(probabilities, distances[queries, :top], settings.rerank_fusion)
-            order = np.argsort(-batch_scores, axis=1, kind="stable")                     # (b, K)
-            reranked[queries, :top] = np.take_along_axis(predictions[queries, :top], order, axis=1)
-            scores[queries] = np.take_along_axis(batch_scores, order, axis=1)
-    elapsed = time.perf_counter() - start
-    timings = {"rerank_ms_per_query": 1000 * elapsed / max(1, num_queries),
-               "rerank_forward_ms_per_query": 1000 * forward.seconds / max(1, num_queries)}
-    return reranked, scores, timings
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Whole evaluation
-
-def evaluate(model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, work_folder: Path,
-             with_rerank: bool = True) -> Evaluation:
-    """Extract, retrieve, rerank and score one split. The local-feature store lives in work_folder/local_features
-    and is deleted at the end. with_rerank=False skips the reranking (reranked = global order)."""
-    store_folder = work_folder / "local_features"
-    descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
-    try:
-        database, queries = descriptors[:index.database_num], descriptors[index.database_num:]
-        top = clamp_top_k(settings.rerank_top, index.database_num)
-        num_columns = clamp_top_k(max(top, max(settings.recall_values)), index.database_num, "recall@N")
-        start = time.perf_counter()
-        distances, predictions = exact_knn(database, queries, num_columns, settings.device)
-        timings["retrieval_ms_per_query"] = 1000 * (time.perf_counter() - start) / max(1, index.queries_num)
-        if with_rerank:
-            reranked, scores, rerank_timings = rerank(model, store, predictions, distances, index.database_num,
-                                                      _with(settings, rerank_top=top))
-            timings.update(rerank_timings)
-        else:
-            reranked, scores = predictions, np.full((len(predictions), top), np.nan, dtype=np.float32)
-    finally:
-        if store is not None:
-            store.close()
-            shutil.rmtree(store_folder, ignore_errors=True)
-    positives = index.soft_positives_per_query
-    global_recalls = reranked_recalls = None
-    if positives is not None:
-        global_recalls = recall_at_n(predictions, positives, settings.recall_values)
-        reranked_recalls = recall_at_n(reranked, positives, settings.recall_values)
-    return Evaluation(predictions, distances, reranked, scores, top, global_recalls, reranked_recalls, timings,
-                      store.bytes_per_image if store is not None else 0)
-
-
-def _with(settings: EvalSettings, **changes) -> EvalSettings:
-    return EvalSettings(**{**asdict(settings), **changes})
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Outputs
-
-def recalls_table(evaluation: Evaluation) -> str:
-    """A small text table of global and reranked recall@N."""
-    if evaluation.global_recalls is None:
-        return "no ground truth for this split: no recalls"
-    values = list(evaluation.global_recalls)
-    lines = ["".join([f"{'':10}"] + [f"{'R@' + str(n):>8}" for n in values])]
-    for label, recalls in (("global", evaluation.global_recalls), ("reranked", evaluation.reranked_recalls)):
-        lines.append("".join([f"{label:10}"] + [f"{recalls[n]:8.2f}" for n in values]))
-    return "\n".join(lines)
-
-
-def write_predictions_csv(path: Path, index: PlaceIndex, evaluation: Evaluation) -> None:
-    """predictions.csv: per query and ranking (global, reranked), the first correct rank (1-based, empty when
-    none or unknown) and the ranked database paths (relative to the split folder), separated by '|'."""
-    positives = index.soft_positives_per_query
-    with open(path, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["query_index", "query_path", "ranking", "first_correct_rank", "database_paths"])
-        for ranking, predictions in (("global", evaluation.global_predictions),
-                                     ("reranked", evaluation.reranked_predictions)):
-            first = first_correct_rank(predictions, positives) if positives is not None else None
-            for query, row in enumerate(predictions):
-                correct = "" if first is None or first[query] >= len(row) else int(first[query]) + 1
-                writer.writerow([query, index.queries_paths[query], ranking, correct,
-                                 "|".join(index.database_paths[i] for i in row)])
-
-
-def save_prediction_pictures(folder: Path, index: PlaceIndex, evaluation: Evaluation, num_preds: int,
-                             only_wrong: bool) -> int:
-    """A PNG per query (or per query whose reranked top-1 is wrong): global and reranked top-N. Returns count."""
-    from visualize import save_prediction_picture
-
-    folder.mkdir(parents=True, exist_ok=True)
-    positives = index.soft_positives_per_query
-    saved = 0
-    for query in tqdm(range(index.queries_num), desc="saving pictures", unit="query", leave=False):
-        rows = []
-        for label, predictions in (("global", evaluation.global_predictions),
-                                   ("reranked", evaluation.reranked_predictions)):
-            top = predictions[query, :num_preds]
-            correct = np.isin(top, positives[query]) if positives is not None else np.zeros(len(top), bool)
-            rows.append((label, [index.root / index.database_paths[i] for i in top], correct.tolist()))
-        if only_wrong and positives is not None and rows[1][2][0]:
-            continue
-        name = f"{query:05d}_{Path(index.queries_paths[query]).stem[:60]}.png"
-        save_prediction_picture(folder / name, index.root / index.queries_paths[query], rows)
-        saved += 1
-    return saved
-
-
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    memory = {"peak_host_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device.type == "cuda":
-        memory["peak_gpu_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return memory
-
-
-def eval_settings(args, device: torch.device) -> EvalSettings:
-    """EvalSettings from the evaluation flags (shared with train_reranking.py's validation)."""
-    return EvalSettings(image_size=tuple(args.resize), device=device, precision=args.precision,
-                        infer_batch_size=args.infer_batch_size, num_workers=args.num_workers,
-                        rerank_top=args.rerank_top, rerank_batch_size=args.rerank_batch_size,
-                        rerank_fusion=args.rerank_fusion, recall_values=args.recall_values)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = prgs_parser.parse_test_args(argv)
-    output_folder = util.start_run(args)
-    started = time.perf_counter()
-    util.set_seed(args.seed)
-    device = util.resolve_device(args.device)
-    index = load_split(args.datasets_folder, args.dataset_name, args.split,
-                       positive_dist_threshold=args.val_positive_dist_threshold,
-                       skip_bad_images=args.skip_bad_images, num_workers=args.num_workers,
-                       msls_cache_dir=args.msls_cache_dir)
+    args = parse_test_args(argv)
+    run = util.start_run(args)
+    index = load_split(args.datasets_folder, args.dataset_name, args.split, **split_options(args))
     if index.queries_num == 0:
-        raise SystemExit(f"{index.summary()} has no queries to evaluate")
-    model, checkpoint = util.build_model(args.model_config, resume=args.resume, backbone_weights=args.backbone_weights,
-                                         strict=not args.non_strict_resume)
+        raise util.PRGSError(f"{index.summary()} has no queries to evaluate")
+    model, checkpoint = build_model(args.model_config, **model_options(args))
     if checkpoint is None:
-        logger.warning("no --resume checkpoint: local_head and the reranker are untrained, so reranked recalls are "
-                       "those of a random reranker")
-    model = model.to(device)
-    settings = eval_settings(args, device)
-    logger.info("model: %s, input %dx%d, %d nodes kept per image; device %s%s", model.config.backbone,
-                *args.resize, model.config.num_kept_nodes, device, " (faiss on GPU)" if faiss_uses_gpu(device) else "")
-    evaluation = evaluate(model, index, settings, output_folder)
-    results = build_results(args, args.split, index, model, checkpoint, evaluation, device,
-                            time.perf_counter() - started)
-    write_outputs(args, output_folder, index, evaluation, results)
+        logger.warning(
+            "no --resume checkpoint: local_head and the reranker are untrained, so reranked recalls are "
+            "those of a random reranker"
+        )
+    model = model.to(run.device)
+    logger.info(
+        "model: %s, input %dx%d, %d nodes kept per image; device %s%s",
+        model.config.backbone,
+        *args.resize,
+        model.config.num_kept_nodes,
+        run.device,
+        " (faiss on GPU)" if faiss_uses_gpu(run.device) else "",
+    )
+    evaluation = evaluate(model, index, eval_settings(args, run.device), run.folder)
+    results = build_results(args, args.split, index, model, checkpoint, evaluation, run.device, run.seconds())
+    write_outputs(args, run.folder, index, evaluation, results)
     logger.info("%s\n%s", index.summary(), recalls_table(evaluation))
-    logger.info("results: %s", output_folder / "results.json")
+    logger.info("results: %s", run.folder / "results.json")
     return results
-
-
-def recalls_by_name(evaluation: Evaluation) -> dict:
-    """{"global": {"R@N": percent}, "reranked": {...}}, None for a split without ground truth."""
-    def by_name(recalls):
-        return None if recalls is None else {f"R@{n}": round(v, 4) for n, v in recalls.items()}
-    return {"global": by_name(evaluation.global_recalls), "reranked": by_name(evaluation.reranked_recalls)}
-
-
-def build_results(args, split: str, index: PlaceIndex, model: PRGSNetwork, checkpoint, evaluation: Evaluation,
-                  device: torch.device, seconds: float) -> dict:
-    """The machine-readable summary written to results.json (fields documented in the README)."""
-    results = {
-        "dataset": {"name": args.dataset_name, "split": split, "root": str(index.root),
-                    "database_num": index.database_num, "queries_num": index.queries_num,
-                    "excluded_images": [{"path": p, "reason": r} for p, r in index.excluded]},
-        "recalls": recalls_by_name(evaluation),
-        "rerank_top": evaluation.rerank_top,
-        "timings": {**{k: round(v, 4) for k, v in evaluation.timings.items()}, "total_seconds": round(seconds, 2)},
-        "memory": {k: round(v, 1) for k, v in peak_memory_mb(device).items()},
-        "store": {"bytes_per_image": evaluation.store_bytes_per_image,
-                  "reference_bytes_per_image": REFERENCE_BYTES_PER_IMAGE,
-                  "fraction_of_reference": round(evaluation.store_bytes_per_image / REFERENCE_BYTES_PER_IMAGE, 4)},
-        "model": model.config.to_dict(),
-        "checkpoint": None if checkpoint is None else {"path": str(checkpoint.path), "layout": checkpoint.layout},
-        "environment": {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-                        "faiss_gpu": faiss_uses_gpu(device),
-                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "configuration": util.plain_args(args),
-    }
-    if args.dataset_name == "msls" and evaluation.global_recalls is not None:
-        from msls import msls_map_at_k
-        ks = [n for n in args.recall_values if n <= evaluation.global_predictions.shape[1]]
-        results["msls_map"] = {
-            label: {f"mAP@{k}": round(v, 4) for k, v in msls_map_at_k(predictions, index.soft_positives_per_query,
-                                                                         ks).items()}
-            for label, predictions in (("global", evaluation.global_predictions),
-                                       ("reranked", evaluation.reranked_predictions))}
-    return results
-
-
-def write_outputs(args, output_folder: Path, index: PlaceIndex, evaluation: Evaluation, results: dict) -> None:
-    output_folder.mkdir(parents=True, exist_ok=True)
-    write_predictions_csv(output_folder / "predictions.csv", index, evaluation)
-    if args.dataset_name == "msls" and index.soft_positives_per_query is None:
-        from msls import write_msls_submission
-        for label, predictions in (("global", evaluation.global_predictions),
-                                   ("reranked", evaluation.reranked_predictions)):
-            path = output_folder / f"msls_submission_{label}.txt"
-            write_msls_submission(path, index.queries_keys, index.database_keys, predictions)
-            logger.info("MSLS challenge submission (%s ranking): %s", label, path)
-        results["msls_submission"] = {"global": "msls_submission_global.txt",
-                                      "reranked": "msls_submission_reranked.txt"}
-    if args.num_preds_to_save > 0:
-        saved = save_prediction_pictures(output_folder / "predictions", index, evaluation, args.num_preds_to_save,
-                                         args.save_only_wrong_preds)
-        logger.info("saved %d prediction pictures in %s", saved, output_folder / "predictions")
-    (output_folder / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,4 +12,8 @@
 #   bash test.sh --dataset_name pitts30k --datasets_folder /path/to/datasets --resume CHECKPOINT
 set -euo pipefail
 cd "$(dirname "$0")"
-exec "${PYTHON:-python3}" -u test.py "$@"
+# The project's virtual environment when there is one (README), else python3; $PYTHON overrides both.
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+exec "$PYTHON" -u test.py "$@"

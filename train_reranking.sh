@@ -14,7 +14,10 @@
 #  --resume resume/msls_v2_deits.pth). Later flags override the recipe's.
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON="${PYTHON:-python3}"
+# The project's virtual environment when there is one (README), else python3; $PYTHON overrides both.
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 
 if [ "$#" -gt 0 ]; then
   exec "$PYTHON" -u train_reranking.py --dataset_name msls --train_stage reranker --mining global \

@@ -1,4 +1,5 @@
 """Pictures: a query beside its top predictions (correct framed green, wrong red), and training curves."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,8 +21,9 @@ def _thumbnail(path: str | Path, frame: tuple[int, int, int]) -> Image.Image:
     return ImageOps.expand(image.resize((width, THUMBNAIL_HEIGHT), Image.BILINEAR), border=BORDER, fill=frame)
 
 
-def save_prediction_picture(path: str | Path, query_path: str | Path,
-                            rows: Sequence[tuple[str, Sequence[str | Path], Sequence[bool]]]) -> None:
+def save_prediction_picture(
+    path: str | Path, query_path: str | Path, rows: Sequence[tuple[str, Sequence[str | Path], Sequence[bool]]]
+) -> None:
     """One PNG: the query (grey frame) at the left of each row, then that row's predictions in rank order.
 
     rows: (label, prediction paths, is_correct per prediction), e.g. ("global", ...), ("reranked", ...).
@@ -46,10 +48,12 @@ def save_prediction_picture(path: str | Path, query_path: str | Path,
     canvas.save(path)
 
 
-def save_training_curves(path: str | Path, epochs: Sequence[int], losses: Sequence[float],
-                         recalls: dict[str, Sequence[float]]) -> None:
+def save_training_curves(
+    path: str | Path, epochs: Sequence[int], losses: Sequence[float], recalls: dict[str, Sequence[float]]
+) -> None:
     """training_curves.png: mean loss per epoch (left) and validation R@1 per epoch (right, one line per series)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -7,6 +7,7 @@ Reference figures (DESIGN.md, one H100, torch 2.11, the reference code, random w
 18.4 ms bf16, 17.9 ms/query at 4 queries per call, peak 2.56 GB (1 query) / 10.1 GB (4); DeiT-S at 480x640,
 batch 64: 491 images/s fp32, 2518 images/s bf16. Results are recorded in benchmarks/RESULTS.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ def timed(function, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def reranker_input(queries: int, candidates: int = 100, grid=(30, 40), channels: int = 131, kept: int = 1000,
-                   seed: int = 0) -> torch.Tensor:
+def reranker_input(
+    queries: int, candidates: int = 100, grid=(30, 40), channels: int = 131, kept: int = 1000, seed: int = 0
+) -> torch.Tensor:
     """Random nodes (queries, 1 + candidates, h*w, C) with the least 'attended' rows zeroed, as real local features."""
     generator = torch.Generator().manual_seed(seed)
     nodes = torch.randn(queries, 1 + candidates, grid[0] * grid[1], channels, generator=generator)
@@ -55,9 +57,11 @@ def bench_reranker(reranker: GraphReranker, repeats: int) -> list[dict]:
     for queries in (1, 4):
         nodes = reranker_input(queries).cuda()
         for label, precision in (("fp32", "fp32"), ("bf16 autocast", "bf16")):
+
             def run(nodes=nodes, precision=precision):
                 with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
                     return reranker(nodes, (30, 40))
+
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
@@ -65,10 +69,19 @@ def bench_reranker(reranker: GraphReranker, repeats: int) -> list[dict]:
             except torch.OutOfMemoryError:
                 rows.append({"queries_per_call": queries, "path": label, "error": "out of memory"})
                 continue
-            rows.append({"queries_per_call": queries, "path": label, "ms_per_query": milliseconds / queries,
-                         "peak_gb": torch.cuda.max_memory_allocated() / 1e9})
-            print(f"reranker {queries} q/call {label:13s}: {milliseconds / queries:7.2f} ms/query, "
-                  f"peak {rows[-1]['peak_gb']:.2f} GB", flush=True)
+            rows.append(
+                {
+                    "queries_per_call": queries,
+                    "path": label,
+                    "ms_per_query": milliseconds / queries,
+                    "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+                }
+            )
+            print(
+                f"reranker {queries} q/call {label:13s}: {milliseconds / queries:7.2f} ms/query, "
+                f"peak {rows[-1]['peak_gb']:.2f} GB",
+                flush=True,
+            )
         del nodes
     return rows
 
@@ -84,9 +97,11 @@ def reranker_accuracy(reranker: GraphReranker, golden_dir: Path | None) -> dict:
     order = plain[..., 1].argsort(-1, descending=True)
     for label, other in (("bf16_vs_fp32", plain_bf16),):
         probability = other.softmax(-1)[..., 1]
-        report[label] = {"max_abs_logit_diff": (other - plain).abs().max().item(),
-                         "same_order": bool(torch.equal(probability.argsort(-1, descending=True), order)),
-                         "top1_agreement": float((probability.argmax(-1) == order[:, 0]).float().mean())}
+        report[label] = {
+            "max_abs_logit_diff": (other - plain).abs().max().item(),
+            "same_order": bool(torch.equal(probability.argsort(-1, descending=True), order)),
+            "top1_agreement": float((probability.argmax(-1) == order[:, 0]).float().mean()),
+        }
     if golden_dir is not None:
         io = torch.load(golden_dir / "reranker_io.pt", weights_only=True)
         with torch.inference_mode():
@@ -103,25 +118,28 @@ def bench_backbone(repeats: int) -> list[dict]:
     network = PRGSNetwork(ModelConfig()).cuda().eval()
     images = torch.randn(64, 3, 480, 640, device="cuda")
     for label, precision in (("ours fp32", "fp32"), ("ours bf16", "bf16")):
-        def run():
+
+        def run(precision=precision):
             with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
                 return network(images)
+
         milliseconds = timed(run, repeats, warmup=2)
         rows.append({"path": label, "images_per_s": 64 / (milliseconds / 1000)})
         print(f"backbone {label}: {rows[-1]['images_per_s']:.0f} images/s", flush=True)
     for block in network.backbone.blocks:
-        block.attn.fused_attn = False          # timm's explicit attention, as timm 0.5.4 in the reference
+        block.attn.fused_attn = False  # timm's explicit attention, as timm 0.5.4 in the reference
 
     def reference_style(precision):
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
             out = network(images)
-            x = torch.randn(64, 1202, 384, device="cuda")    # the reference recomputes the last attention
+            x = torch.randn(64, 1202, 384, device="cuda")  # the reference recomputes the last attention
             attn = network.backbone.blocks[-1].attn
             qkv = attn.qkv(network.backbone.blocks[-1].norm1(x)).reshape(64, 1202, 3, 6, 64).permute(2, 0, 3, 1, 4)
             ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)
             return out
+
     for label, precision in (("reference-style fp32", "fp32"), ("reference-style bf16", "bf16")):
-        milliseconds = timed(lambda: reference_style(precision), repeats, warmup=2)
+        milliseconds = timed(lambda precision=precision: reference_style(precision), repeats, warmup=2)
         rows.append({"path": label, "images_per_s": 64 / (milliseconds / 1000)})
         print(f"backbone {label}: {rows[-1]['images_per_s']:.0f} images/s", flush=True)
     return rows
@@ -130,15 +148,18 @@ def bench_backbone(repeats: int) -> list[dict]:
 def golden_backbone_on_gpu(golden_dir: Path) -> float:
     io = torch.load(golden_dir / "small_backbone_io.pt", weights_only=True)
     config = io["config"]
-    backbone = DeiTBackbone(tuple(config["img_size"]), config["embed_dim"], config["depth"], config["num_heads"],
-                            config["fc_output_dim"])
-    network = PRGSNetwork(ModelConfig(local_dim=config["local_dim"], num_kept_nodes=config["num_local_nomask"]),
-                          backbone=backbone)
+    backbone = DeiTBackbone(
+        tuple(config["img_size"]), config["embed_dim"], config["depth"], config["num_heads"], config["fc_output_dim"]
+    )
+    network = PRGSNetwork(
+        ModelConfig(local_dim=config["local_dim"], num_kept_nodes=config["num_local_nomask"]), backbone=backbone
+    )
     network.load_state_dict(torch.load(golden_dir / "small_backbone_state_dict.pt", weights_only=True), strict=False)
     with torch.inference_mode():
         global_descriptor, local = network.cuda().eval()(io["images"].cuda())
-    difference = max((global_descriptor.cpu() - io["global"]).abs().max().item(),
-                     (local.cpu() - io["local"]).abs().max().item())
+    difference = max(
+        (global_descriptor.cpu() - io["global"]).abs().max().item(), (local.cpu() - io["local"]).abs().max().item()
+    )
     print(f"small backbone on the GPU vs golden CPU: max abs diff {difference:.2e}", flush=True)
     return difference
 
@@ -148,13 +169,21 @@ def main() -> None:
     parser.add_argument("--golden_dir", type=Path, default=None, help="../shared/reference/golden, for the parity rows")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions per configuration")
     parser.add_argument("--out", type=Path, default=Path("bench_gpu.json"), help="where to write the results")
-    parser.add_argument("--parts", nargs="+", choices=("reranker", "backbone"), default=["reranker", "backbone"],
-                        help="what to benchmark")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=("reranker", "backbone"),
+        default=["reranker", "backbone"],
+        help="what to benchmark",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+    results = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+    }
     print(results, flush=True)
     torch.manual_seed(0)
     reranker = GraphReranker().cuda().eval()

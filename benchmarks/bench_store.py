@@ -7,6 +7,7 @@ in a fresh process, read the candidates of 200 queries x top-100 two queries at 
 does) and report that process's peak resident memory and the read rate. The reference would hold
 num_images x 628,800 B in RAM instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,14 @@ GRID, IMAGE_SIZE, KEPT, LOCAL_DIM = (30, 40), (480, 640), 1000, 128
 
 def write_store(folder: Path, num_images: int, batch: int = 64) -> None:
     generator = torch.Generator().manual_seed(0)
-    nodes = build_nodes(torch.randn(batch, 1200, LOCAL_DIM, generator=generator),
-                        torch.rand(batch, 1200, generator=generator), GRID, IMAGE_SIZE, 16, KEPT)
+    nodes = build_nodes(
+        torch.randn(batch, 1200, LOCAL_DIM, generator=generator),
+        torch.rand(batch, 1200, generator=generator),
+        GRID,
+        IMAGE_SIZE,
+        16,
+        KEPT,
+    )
     store = LocalFeatureStore.create(folder, num_images, GRID, IMAGE_SIZE, 16, KEPT, LOCAL_DIM)
     for start in range(0, num_images, batch):
         indices = np.arange(start, min(start + batch, num_images))
@@ -53,8 +60,11 @@ def read_like_test_py(folder: Path, num_queries: int = 200, top: int = 100, per_
     seconds = time.perf_counter() - start
     store.close()
     read_bytes = num_queries * (1 + top) * store.bytes_per_image
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "read_mb_per_s": read_bytes / 2 ** 20 / seconds, "ms_per_query": 1000 * seconds / num_queries}
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "read_mb_per_s": read_bytes / 2**20 / seconds,
+        "ms_per_query": 1000 * seconds / num_queries,
+    }
 
 
 def main() -> None:
@@ -71,10 +81,15 @@ def main() -> None:
     for num_images in args.num_images:
         folder = base / f"store_{num_images}"
         write_store(folder, num_images)
-        child = subprocess.run([sys.executable, __file__, "--read_only", str(folder)], capture_output=True, text=True,
-                               check=True)
-        row = {"num_images": num_images, "store_bytes_per_image": LocalFeatureStore.open(folder).bytes_per_image,
-               "reference_ram_gb": num_images * REFERENCE_BYTES_PER_IMAGE / 1e9, **json.loads(child.stdout)}
+        child = subprocess.run(
+            [sys.executable, __file__, "--read_only", str(folder)], capture_output=True, text=True, check=True
+        )
+        row = {
+            "num_images": num_images,
+            "store_bytes_per_image": LocalFeatureStore.open(folder).bytes_per_image,
+            "reference_ram_gb": num_images * REFERENCE_BYTES_PER_IMAGE / 1e9,
+            **json.loads(child.stdout),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
         shutil.rmtree(folder)

@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PYTHON" -c "import torch, timm, faiss; print('torch', torch.__version__, 'timm', timm.__version__, 'faiss', faiss.__version__)"
 "$PYTHON" -u benchmarks/bench_gpu.py --golden_dir "$GOLDEN" --out "$OUT/bench_gpu.json"
-"$PYTHON" -u toy_world.py --datasets_folder /tmp/prgs_data > /dev/null
+"$PYTHON" -u -m places.toy_world --datasets_folder /tmp/prgs_data > /dev/null
 "$PYTHON" -u test.py --datasets_folder /tmp/prgs_data --device cuda --num_workers 4 --output_folder /tmp/prgs_toy \
   > /tmp/prgs_toy.log 2>&1 || { tail -30 /tmp/prgs_toy.log; exit 1; }
 tail -4 /tmp/prgs_toy.log

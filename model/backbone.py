@@ -7,13 +7,12 @@ Every backbone returns a ``BackboneOutput`` for images (B, 3, H, W) with H and W
     attention         (B, L)     how much the global descriptor looks at each patch (not normalised)
     grid              (h, w)     L = h * w, row-major
 """
+
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +56,11 @@ def patch_grid(image_size: tuple[int, int], patch_size: int = PATCH_SIZE) -> tup
     """(H, W) -> (H / patch, W / patch); a ValueError naming the size when it is not divisible."""
     height, width = image_size
     if height % patch_size or width % patch_size or height <= 0 or width <= 0:
-        raise ValueError(f"image size {height}x{width} (HxW) must be positive and divisible by the patch size "
-                         f"{patch_size}; e.g. 480x640 gives a 30x40 patch grid")
+        raise ValueError(
+            f"image size {height}x{width} (HxW) must be positive and divisible by the patch size "
+            f"{patch_size}; e.g. 480x640 gives a 30x40 patch grid"
+        )
     return height // patch_size, width // patch_size
-
-
-def _square_grid_or_none(length: int) -> tuple[int, int] | None:
-    side = math.isqrt(length)
-    return (side, side) if side * side == length else None
 
 
 def fit_pos_embed(patch_pos: torch.Tensor, source_grid: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -80,14 +76,14 @@ def fit_pos_embed(patch_pos: torch.Tensor, source_grid: tuple[int, int], grid: t
     (gh, gw), (h, w) = source_grid, grid
     if (gh, gw) == (h, w):
         return patch_pos
-    maps = patch_pos.reshape(1, gh, gw, channels).permute(0, 3, 1, 2)               # (1, C, gh, gw)
+    maps = patch_pos.reshape(1, gh, gw, channels).permute(0, 3, 1, 2)  # (1, C, gh, gw)
     if h > gh or w > gw:
         scale = max(h / gh, w / gw)
         size = (max(h, round(gh * scale)), max(w, round(gw * scale)))
         maps = F.interpolate(maps, size=size, mode="bicubic", align_corners=False)
         gh, gw = size
     top, left = gh // 2 - h // 2, gw // 2 - w // 2
-    maps = maps[:, :, top:top + h, left:left + w]                                    # (1, C, h, w)
+    maps = maps[:, :, top : top + h, left : left + w]  # (1, C, h, w)
     return maps.permute(0, 2, 3, 1).reshape(1, h * w, channels)
 
 
@@ -98,12 +94,27 @@ class DeiTBackbone(VisionTransformerDistilled):
     with the embeddings fitted by ``fit_pos_embed``.
     """
 
-    def __init__(self, image_size: tuple[int, int] = (480, 640), embed_dim: int = 384, depth: int = 12,
-                 num_heads: int = 6, out_dim: int = 256, patch_size: int = PATCH_SIZE):
+    def __init__(
+        self,
+        image_size: tuple[int, int] = (480, 640),
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        out_dim: int = 256,
+        patch_size: int = PATCH_SIZE,
+    ):
         patch_grid(image_size, patch_size)
-        super().__init__(img_size=tuple(image_size), patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                         num_heads=num_heads, mlp_ratio=4, qkv_bias=True, num_classes=out_dim,
-                         norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        super().__init__(
+            img_size=tuple(image_size),
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=4,
+            qkv_bias=True,
+            num_classes=out_dim,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        )
         self.image_size = tuple(image_size)
         self.patch_size = patch_size
         self.token_dim = embed_dim
@@ -120,20 +131,20 @@ class DeiTBackbone(VisionTransformerDistilled):
 
     def forward_prgs(self, images: torch.Tensor, with_local: bool = True) -> BackboneOutput:
         grid = patch_grid(tuple(images.shape[-2:]), self.patch_size)
-        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)                # (B, L, C)
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (B, L, C)
         x = self.patch_embed.norm(x)
-        prefix = torch.cat([self.cls_token, self.dist_token], dim=1).expand(x.shape[0], -1, -1)   # (B, 2, C)
-        x = self.pos_drop(torch.cat([prefix, x], dim=1) + self.positional_embedding(grid))        # (B, 2+L, C)
+        prefix = torch.cat([self.cls_token, self.dist_token], dim=1).expand(x.shape[0], -1, -1)  # (B, 2, C)
+        x = self.pos_drop(torch.cat([prefix, x], dim=1) + self.positional_embedding(grid))  # (B, 2+L, C)
         for block in self.blocks[:-1]:
             x = block(x)
         tokens, attention = None, None
         if with_local:
-            tokens = x[:, 2:]                                                        # (B, L, C) entering the last block
+            tokens = x[:, 2:]  # (B, L, C) entering the last block
             x, attention = last_block_with_prefix_attention(self.blocks[-1], x)
         else:
             x = self.blocks[-1](x)
         x = self.norm(x)
-        descriptor = (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2             # (B, D)
+        descriptor = (self.head(x[:, 0]) + self.head_dist(x[:, 1])) / 2  # (B, D)
         return BackboneOutput(F.normalize(descriptor, p=2, dim=1), tokens, attention, grid)
 
 
@@ -147,15 +158,15 @@ def last_block_with_prefix_attention(block: nn.Module, x: torch.Tensor) -> tuple
     attn = block.attn
     batch, length, channels = x.shape
     qkv = attn.qkv(block.norm1(x)).reshape(batch, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)                                                          # (B, heads, 2+L, head_dim)
+    q, k, v = qkv.unbind(0)  # (B, heads, 2+L, head_dim)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    mixed = F.scaled_dot_product_attention(q, k, v)                                  # (B, heads, 2+L, head_dim)
-    mixed = mixed.transpose(1, 2).reshape(batch, length, -1)                         # (B, 2+L, C)
+    mixed = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 2+L, head_dim)
+    mixed = mixed.transpose(1, 2).reshape(batch, length, -1)  # (B, 2+L, C)
     mixed = attn.proj_drop(attn.proj(getattr(attn, "norm", nn.Identity())(mixed)))
     x = x + block.drop_path1(block.ls1(mixed))
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     prefix_rows = ((q[:, :, :2] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 2, 2+L)
-    return x, prefix_rows[..., 2:].sum(dim=(1, 2))                                   # (B, L)
+    return x, prefix_rows[..., 2:].sum(dim=(1, 2))  # (B, L)
 
 
 class GeM(nn.Module):
@@ -202,12 +213,12 @@ class ResNetBackbone(nn.Module):
 
     def forward_prgs(self, images: torch.Tensor, with_local: bool = True) -> BackboneOutput:
         grid = patch_grid(tuple(images.shape[-2:]))
-        x3 = self._stride16(images)                                                  # (B, C3, h, w)
-        x4 = F.normalize(self.layer4(x3), p=2, dim=1)                                # (B, C4, h/2, w/2)
-        descriptor = F.normalize(self.fc(self.gem(x4)), p=2, dim=1)                  # (B, D)
+        x3 = self._stride16(images)  # (B, C3, h, w)
+        x4 = F.normalize(self.layer4(x3), p=2, dim=1)  # (B, C4, h/2, w/2)
+        descriptor = F.normalize(self.fc(self.gem(x4)), p=2, dim=1)  # (B, D)
         if not with_local:
             return BackboneOutput(descriptor, None, None, grid)
-        similarity = x4.clamp(min=1e-6).flatten(2).transpose(1, 2) @ self.fc.weight.t()   # (B, h4*w4, D)
+        similarity = x4.clamp(min=1e-6).flatten(2).transpose(1, 2) @ self.fc.weight.t()  # (B, h4*w4, D)
         coarse = similarity.clamp(min=1e-6).sum(-1).reshape(x4.shape[0], 1, *x4.shape[-2:])  # (B, 1, h4, w4)
         attention = F.interpolate(coarse, size=grid, mode="bicubic", align_corners=False).flatten(1)  # (B, L)
         return BackboneOutput(descriptor, x3.flatten(2).transpose(1, 2), attention, grid)
@@ -221,86 +232,3 @@ def build_backbone(name: str, image_size: tuple[int, int], out_dim: int) -> nn.M
     if name in RESNETS:
         return ResNetBackbone(name, image_size, out_dim)
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# ImageNet initialisation from local files (nothing is downloaded)
-
-def cached_imagenet_weights(name: str) -> Path | None:
-    """The ImageNet weights of backbone ``name`` in timm's / torchvision's local caches, or None."""
-    if name in DEIT_SIZES and DEIT_SIZES[name].timm_name:
-        timm_name = DEIT_SIZES[name].timm_name
-        try:
-            from huggingface_hub import try_to_load_from_cache
-            for filename in ("model.safetensors", "pytorch_model.bin"):
-                found = try_to_load_from_cache(f"timm/{timm_name}.fb_in1k", filename)
-                if isinstance(found, str):
-                    return Path(found)
-        except ImportError:
-            pass
-        prefix = timm_name
-    elif name in RESNETS:
-        prefix = name
-    else:
-        return None
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    candidates = sorted(checkpoints.glob(f"{prefix}-*.pth")) if checkpoints.is_dir() else []
-    return candidates[0] if candidates else None
-
-
-def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors / .pth / .bin file (unwrapping a {'model': ...} or {'state_dict': ...} dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, expected a dict of tensors (a state dict)")
-    return state
-
-
-def load_imagenet_weights(backbone: nn.Module, path: Path) -> None:
-    """Initialise ``backbone`` from ImageNet weights of the same architecture (timm DeiT or torchvision ResNet).
-
-    DeiT: the 14x14 positional grid is resized (bilinear) to the backbone's grid, and ``head`` / ``head_dist`` take
-    the first ``out_dim`` rows of the ImageNet classifiers (each from its own classifier; the reference copied
-    ``head`` into both). ResNet: the ImageNet ``fc`` is dropped. Any other missing, unexpected or mis-shaped key is
-    an error naming it.
-    """
-    from util import check_state_dict_compatible  # local import: util imports the model package
-
-    source = read_state_dict_file(path)
-    target = backbone.state_dict()
-    adapted: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        if isinstance(backbone, ResNetBackbone) and key.startswith("fc."):
-            continue
-        if key == "pos_embed" and key in target and value.shape != target[key].shape:
-            prefix, patches = value[:, :2], value[:, 2:]
-            side = _square_grid_or_none(patches.shape[1])
-            if side is None:
-                raise ValueError(f"{path}: pos_embed has {patches.shape[1]} patch positions, not a square grid")
-            patches = patches.reshape(1, *side, -1).permute(0, 3, 1, 2)
-            patches = F.interpolate(patches, size=backbone.built_grid, mode="bilinear", align_corners=False)
-            value = torch.cat([prefix, patches.flatten(2).transpose(1, 2)], dim=1)
-        elif key.startswith(("head.", "head_dist.")) and key in target and value.shape != target[key].shape:
-            rows = target[key].shape[0]
-            if value.shape[0] < rows:
-                continue  # a descriptor wider than the ImageNet classifier keeps its random init
-            value = value[:rows]
-        adapted[key] = value
-    if isinstance(backbone, ResNetBackbone):
-        for key in ("gem.p", "fc.weight", "fc.bias"):
-            adapted.setdefault(key, target[key])
-    for key in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
-        if key in target:
-            adapted.setdefault(key, target[key])
-    check_state_dict_compatible(target, adapted, source=str(path))
-    backbone.load_state_dict(adapted)
-    logger.info("initialised the %s backbone from ImageNet weights %s", type(backbone).__name__, path)

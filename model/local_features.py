@@ -1,4 +1,5 @@
 """Local features: one node ``[x, y, attention, f]`` per patch, in grid order, the least attended nodes zeroed."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,9 @@ def default_num_kept_nodes(num_nodes: int) -> int:
     return num_nodes * 5 // 6
 
 
-def node_coordinates(grid: tuple[int, int], patch_size: int, image_size: tuple[int, int],
-                     device: torch.device | None = None) -> torch.Tensor:
+def node_coordinates(
+    grid: tuple[int, int], patch_size: int, image_size: tuple[int, int], device: torch.device | None = None
+) -> torch.Tensor:
     """Patch centres divided by the longer image side, row-major: (h*w, 2) as [x, y].
 
     At 480x640 and patch 16: x = ((p mod 40) * 16 + 8) / 640 and y = ((p div 40) * 16 + 8) / 640.
@@ -31,12 +33,18 @@ def kept_node_mask(attention: torch.Tensor, num_kept: int) -> torch.Tensor:
     if not 0 < num_kept <= num_nodes:
         raise ValueError(f"num_kept_nodes must be in [1, {num_nodes}] for a grid of {num_nodes} nodes, got {num_kept}")
     kept = torch.zeros_like(attention, dtype=torch.bool)
-    top = attention.topk(num_kept, dim=1).indices        # (B, num_kept)
+    top = attention.topk(num_kept, dim=1).indices  # (B, num_kept)
     return kept.scatter_(1, top, True)
 
 
-def build_nodes(descriptors: torch.Tensor, attention: torch.Tensor, grid: tuple[int, int],
-                image_size: tuple[int, int], patch_size: int, num_kept: int) -> torch.Tensor:
+def build_nodes(
+    descriptors: torch.Tensor,
+    attention: torch.Tensor,
+    grid: tuple[int, int],
+    image_size: tuple[int, int],
+    patch_size: int,
+    num_kept: int,
+) -> torch.Tensor:
     """Reranker nodes from per-patch descriptors and the raw attention map.
 
     descriptors (B, L, D) and attention (B, L), both in row-major grid order ->
@@ -45,10 +53,12 @@ def build_nodes(descriptors: torch.Tensor, attention: torch.Tensor, grid: tuple[
     """
     batch, num_nodes, _ = descriptors.shape
     if num_nodes != grid[0] * grid[1] or attention.shape != (batch, num_nodes):
-        raise ValueError(f"descriptors {tuple(descriptors.shape)} and attention {tuple(attention.shape)} do not fit "
-                         f"the {grid[0]}x{grid[1]} grid")
+        raise ValueError(
+            f"descriptors {tuple(descriptors.shape)} and attention {tuple(attention.shape)} do not fit "
+            f"the {grid[0]}x{grid[1]} grid"
+        )
     attention = attention.float()
-    attention = attention / attention.amax(dim=1, keepdim=True)                      # (B, L) in (0, 1]
-    xy = node_coordinates(grid, patch_size, image_size, attention.device).expand(batch, -1, -1)   # (B, L, 2)
+    attention = attention / attention.amax(dim=1, keepdim=True)  # (B, L) in (0, 1]
+    xy = node_coordinates(grid, patch_size, image_size, attention.device).expand(batch, -1, -1)  # (B, L, 2)
     nodes = torch.cat([xy, attention.unsqueeze(-1), descriptors.float()], dim=-1)  # (B, L, 3 + D)
     return torch.where(kept_node_mask(attention, num_kept).unsqueeze(-1), nodes, 0.0)

@@ -1,4 +1,5 @@
 """PRGSNetwork: backbone + ``local_head`` + reranker, configured by a ModelConfig that checkpoints carry."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -16,12 +17,12 @@ class ModelConfig:
     """Everything needed to rebuild a PRGS network (checkpoints store it with ``to_dict``)."""
 
     backbone: str = "deit_small"
-    image_size: tuple[int, int] = (480, 640)   # (H, W) the model is built for; sets the grid and region count
-    fc_output_dim: int = 256                    # global descriptor size
-    local_dim: int = 128                        # local descriptor size f; nodes have 3 + local_dim channels
-    num_kept_nodes: int | None = None           # nodes kept per image; None -> 5/6 of the grid (1000 of 1200)
-    temperature: float = 0.5                    # graph softmax temperature
-    finetune_backbone: bool = False             # let the reranker's gradients reach the backbone through local_head
+    image_size: tuple[int, int] = (480, 640)  # (H, W) the model is built for; sets the grid and region count
+    fc_output_dim: int = 256  # global descriptor size
+    local_dim: int = 128  # local descriptor size f; nodes have 3 + local_dim channels
+    num_kept_nodes: int | None = None  # nodes kept per image; None -> 5/6 of the grid (1000 of 1200)
+    temperature: float = 0.5  # graph softmax temperature
+    finetune_backbone: bool = False  # let the reranker's gradients reach the backbone through local_head
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -32,8 +33,10 @@ class ModelConfig:
         if self.num_kept_nodes is None:
             self.num_kept_nodes = default_num_kept_nodes(grid[0] * grid[1])
         if not 0 < self.num_kept_nodes <= grid[0] * grid[1]:
-            raise ValueError(f"num_kept_nodes must be in [1, {grid[0] * grid[1]}] for {self.image_size[0]}x"
-                             f"{self.image_size[1]} images ({grid[0]}x{grid[1]} patches), got {self.num_kept_nodes}")
+            raise ValueError(
+                f"num_kept_nodes must be in [1, {grid[0] * grid[1]}] for {self.image_size[0]}x"
+                f"{self.image_size[1]} images ({grid[0]}x{grid[1]} patches), got {self.num_kept_nodes}"
+            )
         for name in ("fc_output_dim", "local_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -54,7 +57,7 @@ class ModelConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
+    def from_dict(cls, data: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -86,20 +89,25 @@ class PRGSNetwork(nn.Module):
         """Backbone tokens (B, L, C) and attention (B, L) of images of ``image_size`` -> nodes (B, L, 3 + f)."""
         tokens = tokens if self.config.finetune_backbone else tokens.detach()
         grid = (image_size[0] // self.backbone.patch_size, image_size[1] // self.backbone.patch_size)
-        return build_nodes(self.local_head(tokens), attention, grid, image_size, self.backbone.patch_size,
-                           self.config.num_kept_nodes)
+        return build_nodes(
+            self.local_head(tokens), attention, grid, image_size, self.backbone.patch_size, self.config.num_kept_nodes
+        )
 
-    def rerank_logits(self, query_local: torch.Tensor, candidates_local: torch.Tensor,
-                      grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def rerank_logits(
+        self, query_local: torch.Tensor, candidates_local: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """query_local (B, L, C), candidates_local (B, K, L, C) -> logits (B, K, 2)."""
         if query_local.ndim != 3 or candidates_local.ndim != 4:
-            raise ValueError(f"expected query_local (B, L, C) and candidates_local (B, K, L, C), got "
-                             f"{tuple(query_local.shape)} and {tuple(candidates_local.shape)}")
-        nodes = torch.cat([query_local.unsqueeze(1), candidates_local], dim=1)     # (B, 1+K, L, C)
+            raise ValueError(
+                f"expected query_local (B, L, C) and candidates_local (B, K, L, C), got "
+                f"{tuple(query_local.shape)} and {tuple(candidates_local.shape)}"
+            )
+        nodes = torch.cat([query_local.unsqueeze(1), candidates_local], dim=1)  # (B, 1+K, L, C)
         return self.reranker(nodes, grid or self.config.grid)
 
-    def rerank(self, query_local: torch.Tensor, candidates_local: torch.Tensor,
-               grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def rerank(
+        self, query_local: torch.Tensor, candidates_local: torch.Tensor, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """query_local (B, L, C), candidates_local (B, K, L, C) -> P(same place) (B, K); grid defaults to the
         model's (pass (h, w) for inputs of another shape, e.g. portrait)."""
         return match_probability(self.rerank_logits(query_local, candidates_local, grid))

@@ -14,6 +14,7 @@ then a per-node MLP gives one R-d vector per image (R = region count), a graph o
 Attribute names (``fine2cor``, ``selfnode_graph_layers``, ...) follow the reference's state-dict keys so its
 checkpoints load unchanged; ``fine2cor`` holds the Patch-to-Region projections.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,8 @@ def stage_grids(grid: tuple[int, int]) -> dict[str, tuple[int, int]]:
     if h < MIN_GRID_SIDE or w < MIN_GRID_SIDE:
         raise ValueError(
             f"patch grid {h}x{w} is too small for the reranker: the multi-scale Patch-to-Region stage needs at least "
-            f"{MIN_GRID_SIDE}x{MIN_GRID_SIDE} patches ({MIN_GRID_SIDE * 16}x{MIN_GRID_SIDE * 16} pixels at patch 16)")
+            f"{MIN_GRID_SIDE}x{MIN_GRID_SIDE} patches ({MIN_GRID_SIDE * 16}x{MIN_GRID_SIDE * 16} pixels at patch 16)"
+        )
     h1, w1 = _conv_out(h, 3, 2, 1), _conv_out(w, 3, 2, 1)
     return {
         "patch": (h, w),
@@ -106,13 +108,13 @@ class PatchToRegion(nn.Module):
         (the distance graphs amplify float32 rounding differences to ~1e-4).
         """
         batch, group, _, channels = x.shape
-        maps = x.transpose(-1, -2).reshape(batch * group, channels, *grid)      # (B*N, C, h, w)
+        maps = x.transpose(-1, -2).reshape(batch * group, channels, *grid)  # (B*N, C, h, w)
         if self.mode == "single":
             maps = self.proj(maps)
         scales = [maps]
         if self.mode == "multi":
             scales += [self.proj1(maps), self.proj2(maps)]
-        scales = [s + self.peg(s) for s in scales]                              # (B*N, C, h_s, w_s) each
+        scales = [s + self.peg(s) for s in scales]  # (B*N, C, h_s, w_s) each
         nodes = torch.cat([s.flatten(2) for s in scales], dim=-1) if len(scales) > 1 else scales[0].flatten(2)
         # (B*N, C, L') -> (B, N, C, L') -> (B, N, L', C)
         return nodes.reshape(batch, group, channels, -1).transpose(-1, -2), tuple(scales[0].shape[-2:])
@@ -143,10 +145,10 @@ class GraphLayer(nn.Module):
         self.lamda = nn.Parameter(torch.tensor([0.1]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.linear(x)                                    # (B, N, L, C) or (B, N, D)
-        q = h[:, :1] if self.mode == "cross" else h           # cross: the query image's nodes, broadcast over N
+        h = self.linear(x)  # (B, N, L, C) or (B, N, D)
+        q = h[:, :1] if self.mode == "cross" else h  # cross: the query image's nodes, broadcast over N
         # torch.cdist's default mode, exactly as the reference (other formulas differ by up to ~3e-4)
-        distances = torch.cdist(q, h, p=2)                    # (B, N, L, L) or (B, N, N)
+        distances = torch.cdist(q, h, p=2)  # (B, N, L, L) or (B, N, N)
         if torch.is_grad_enabled():
             eye = torch.eye(h.shape[-2], device=h.device, dtype=h.dtype)
             logits = -distances / self.temperature + self.lamda * eye
@@ -165,8 +167,9 @@ class GraphReranker(nn.Module):
     built for 30x40 (385 regions) also accepts a 40x30 portrait grid (also 385), and refuses grids with another count.
     """
 
-    def __init__(self, node_dim: int = 131, grid: tuple[int, int] = (30, 40), temperature: float = 0.5,
-                 num_classes: int = 2):
+    def __init__(
+        self, node_dim: int = 131, grid: tuple[int, int] = (30, 40), temperature: float = 0.5, num_classes: int = 2
+    ):
         super().__init__()
         self.node_dim = node_dim
         self.grid = tuple(grid)
@@ -174,15 +177,24 @@ class GraphReranker(nn.Module):
         self.fine2cor = nn.ModuleList(PatchToRegion(node_dim, mode) for mode in ("identity", "single", "multi"))
         self.selfnode_graph_layers = nn.ModuleList(GraphLayer(node_dim, "self", temperature) for _ in range(NUM_STAGES))
         self.crossnode_graph_layers = nn.ModuleList(
-            GraphLayer(node_dim, "cross", temperature) for _ in range(NUM_STAGES))
+            GraphLayer(node_dim, "cross", temperature) for _ in range(NUM_STAGES)
+        )
         self.dim_reduce = nn.Sequential(  # per-node MLP 131 -> 64 -> 32 -> 16 -> 1, one scalar per region node
-            nn.Linear(node_dim, 64), nn.LayerNorm(64), nn.GELU(),
-            nn.Linear(64, 32), nn.LayerNorm(32), nn.GELU(),
-            nn.Linear(32, 16), nn.LayerNorm(16), nn.GELU(),
-            nn.Linear(16, 1), nn.GELU(),
+            nn.Linear(node_dim, 64),
+            nn.LayerNorm(64),
+            nn.GELU(),
+            nn.Linear(64, 32),
+            nn.LayerNorm(32),
+            nn.GELU(),
+            nn.Linear(32, 16),
+            nn.LayerNorm(16),
+            nn.GELU(),
+            nn.Linear(16, 1),
+            nn.GELU(),
         )
         self.image_graph_layers = nn.ModuleList(
-            GraphLayer(self.num_regions, "image", temperature) for _ in range(NUM_STAGES))
+            GraphLayer(self.num_regions, "image", temperature) for _ in range(NUM_STAGES)
+        )
         self.classifier = nn.Linear(self.num_regions, num_classes)
         self._init_params()
 
@@ -202,32 +214,38 @@ class GraphReranker(nn.Module):
         batch, group, length, channels = nodes.shape
         h, w = grid
         if channels != self.node_dim:
-            raise ValueError(f"reranker nodes have {channels} channels, expected {self.node_dim} "
-                             f"([x, y, attention] + {self.node_dim - 3}-d local features)")
+            raise ValueError(
+                f"reranker nodes have {channels} channels, expected {self.node_dim} "
+                f"([x, y, attention] + {self.node_dim - 3}-d local features)"
+            )
         if group < 2:
             raise ValueError(f"reranker needs the query and at least one candidate, got {group} image(s) per group")
         if length != h * w:
-            raise ValueError(f"reranker got {length} nodes per image but the grid {h}x{w} has {h * w}; "
-                             f"local features must keep every patch node in grid order")
+            raise ValueError(
+                f"reranker got {length} nodes per image but the grid {h}x{w} has {h * w}; "
+                f"local features must keep every patch node in grid order"
+            )
         regions = num_regions((h, w))
         if regions != self.num_regions:
             raise ValueError(
                 f"grid {h}x{w} gives {regions} region nodes, but this reranker was built for grid "
                 f"{self.grid[0]}x{self.grid[1]} ({self.num_regions} regions): its image-graph and classifier weights "
-                f"are tied to the region count. Evaluate at the resolution the model was trained for.")
+                f"are tied to the region count. Evaluate at the resolution the model was trained for."
+            )
 
     def forward(self, nodes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """nodes (B, 1+K, L, C), query first, L = h*w in grid order -> logits (B, K, 2)."""
         self.check_input(nodes, grid)
         x = nodes
-        for project, self_graph, cross_graph in zip(self.fine2cor, self.selfnode_graph_layers,
-                                                    self.crossnode_graph_layers):
-            x, grid = project(x, grid)   # (B, N, L', C); the next stage pools the finest scale's grid
+        for project, self_graph, cross_graph in zip(
+            self.fine2cor, self.selfnode_graph_layers, self.crossnode_graph_layers
+        ):
+            x, grid = project(x, grid)  # (B, N, L', C); the next stage pools the finest scale's grid
             x = cross_graph(self_graph(x))
-        region_scores = self.dim_reduce(x).squeeze(-1)          # (B, N, R)
+        region_scores = self.dim_reduce(x).squeeze(-1)  # (B, N, R)
         for image_graph in self.image_graph_layers:
-            region_scores = image_graph(region_scores)          # (B, N, R)
-        return self.classifier(region_scores)[:, 1:]            # (B, K, 2): the query row is dropped
+            region_scores = image_graph(region_scores)  # (B, N, R)
+        return self.classifier(region_scores)[:, 1:]  # (B, K, 2): the query row is dropped
 
 
 def match_probability(logits: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Shared fixtures: the golden reference outputs in ../shared and a small, fast configuration."""
+
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def _deterministic_torch():
 @pytest.fixture(scope="session")
 def small_toy_world(tmp_path_factory) -> Path:
     """A datasets folder holding the toy world's 'small' preset (160 images), generated once per session."""
-    import toy_world
+    from places import toy_world
 
     folder = tmp_path_factory.mktemp("datasets")
     toy_world.make_toy_world(folder, toy_world.PRESETS["small"], progress=False)
@@ -39,31 +40,38 @@ def trained_toy_checkpoint(small_toy_world, tmp_path_factory) -> Path:
     per-epoch validation that would make it slow."""
     import numpy as np
 
-    import train_reranking
-    import util
+    import training
     from datasets_ws import load_split
     from mining import TupleMiner
+    from model.checkpoint import save_model
     from model.network import ModelConfig, PRGSNetwork
 
     torch.manual_seed(1)
     model = PRGSNetwork(ModelConfig(backbone="deit_micro", image_size=(144, 192), local_dim=32))
     index = load_split(small_toy_world, "toy_world", "train")
-    trainable = train_reranking.configure_stage(model, "reranker")
+    trainable = training.configure_stage(model, "reranker")
     optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.03)
-    cache = train_reranking.FrozenBackboneCache(model, index, (144, 192), torch.device("cpu"), 32, 0, "fp32")
+    cache = training.FrozenBackboneCache(model, index, (144, 192), torch.device("cpu"), 32, 0, "fp32")
     miner = TupleMiner(index, "partial", negs_num_per_query=4, neg_samples_num=30)
     rng = np.random.default_rng(1)
-    train_reranking.set_train_mode(model, "reranker")
-    for step in range(200):
-        tuples = miner.mine(rng.choice(index.queries_num, 4, replace=False), rng,
-                            lambda ids: cache.descriptors[ids], global_model_frozen=True)
-        ids = torch.from_numpy(np.concatenate([index.database_num + tuples.queries[:, None],
-                                               tuples.positives[:, None], tuples.negatives], axis=1))
+    training.set_train_mode(model, "reranker")
+    for _ in range(200):
+        tuples = miner.mine(
+            rng.choice(index.queries_num, 4, replace=False),
+            rng,
+            lambda ids: cache.descriptors[ids],
+            global_model_frozen=True,
+        )
+        ids = torch.from_numpy(
+            np.concatenate(
+                [index.database_num + tuples.queries[:, None], tuples.positives[:, None], tuples.negatives], axis=1
+            )
+        )
         local = cache.local(model, ids.flatten(), torch.device("cpu"))
-        loss = train_reranking.rerank_loss(model, local.reshape(*ids.shape, *local.shape[1:]), model.config.grid)
+        loss = training.rerank_loss(model, local.reshape(*ids.shape, *local.shape[1:]), model.config.grid)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     path = tmp_path_factory.mktemp("trained") / "reranker.pth"
-    util.save_model(model.eval(), path)
+    save_model(model.eval(), path)
     return path

@@ -1,9 +1,17 @@
 """Backbones and local features: golden parity with the reference, any resolution, CNN option."""
+
 import pytest
 import torch
 
-from model.backbone import (DeiTBackbone, ResNetBackbone, build_backbone, fit_pos_embed, last_block_with_prefix_attention,
-                            load_imagenet_weights, patch_grid)
+from model.backbone import (
+    DeiTBackbone,
+    ResNetBackbone,
+    build_backbone,
+    fit_pos_embed,
+    last_block_with_prefix_attention,
+    patch_grid,
+)
+from model.checkpoint import load_imagenet_weights
 from model.local_features import build_nodes, kept_node_mask, node_coordinates
 from model.network import ModelConfig, PRGSNetwork
 
@@ -11,11 +19,23 @@ from model.network import ModelConfig, PRGSNetwork
 def _golden_small_network(golden_dir):
     io = torch.load(golden_dir / "small_backbone_io.pt", weights_only=True)
     config = io["config"]
-    backbone = DeiTBackbone(tuple(config["img_size"]), config["embed_dim"], config["depth"], config["num_heads"],
-                            out_dim=config["fc_output_dim"], patch_size=config["patch_size"])
-    network = PRGSNetwork(ModelConfig(image_size=tuple(config["img_size"]), fc_output_dim=config["fc_output_dim"],
-                                      local_dim=config["local_dim"], num_kept_nodes=config["num_local_nomask"]),
-                          backbone=backbone)
+    backbone = DeiTBackbone(
+        tuple(config["img_size"]),
+        config["embed_dim"],
+        config["depth"],
+        config["num_heads"],
+        out_dim=config["fc_output_dim"],
+        patch_size=config["patch_size"],
+    )
+    network = PRGSNetwork(
+        ModelConfig(
+            image_size=tuple(config["img_size"]),
+            fc_output_dim=config["fc_output_dim"],
+            local_dim=config["local_dim"],
+            num_kept_nodes=config["num_local_nomask"],
+        ),
+        backbone=backbone,
+    )
     state = torch.load(golden_dir / "small_backbone_state_dict.pt", weights_only=True)
     result = network.load_state_dict(state, strict=False)
     assert result.unexpected_keys == []
@@ -51,7 +71,7 @@ def test_last_block_runs_once_and_equals_timm_block():
         theirs = block(x)
         # the reference's map: explicit softmax over the whole attention matrix, rows of cls and dist
         qkv = block.attn.qkv(block.norm1(x)).reshape(2, 26, 3, 3, 16).permute(2, 0, 3, 1, 4)
-        full = ((qkv[0] * block.attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)     # (B, heads, N, N)
+        full = ((qkv[0] * block.attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)  # (B, heads, N, N)
         expected = full[:, :, :2, 2:].sum(dim=(1, 2))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(attention, expected, rtol=1e-5, atol=1e-6)
@@ -70,9 +90,9 @@ def test_positional_embedding_unchanged_at_the_built_size_and_cropped_inside():
     assert torch.equal(backbone.positional_embedding((30, 40)), backbone.pos_embed)
     grid = backbone.pos_embed[:, 2:].reshape(30, 40, 8)
     crop = backbone.positional_embedding((14, 14))[0, 2:].reshape(14, 14, 8)
-    assert torch.equal(crop, grid[8:22, 13:27])            # 224x224: rows 8-21, cols 13-26 (as the reference)
+    assert torch.equal(crop, grid[8:22, 13:27])  # 224x224: rows 8-21, cols 13-26 (as the reference)
     square = backbone.positional_embedding((30, 30))[0, 2:].reshape(30, 30, 8)
-    assert torch.equal(square, grid[:, 5:35])               # 480x480: rows 0-29, cols 5-34
+    assert torch.equal(square, grid[:, 5:35])  # 480x480: rows 0-29, cols 5-34
     portrait = backbone.positional_embedding((40, 30))
     assert portrait.shape == (1, 2 + 1200, 8) and torch.equal(portrait[:, :2], backbone.pos_embed[:, :2])
 
@@ -178,6 +198,7 @@ def test_model_config_validation():
 
 def test_imagenet_weights_load_from_a_local_timm_file(tmp_path):
     import timm
+
     reference = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
     path = tmp_path / "deit_tiny_distilled_patch16_224.pth"
     torch.save(reference.state_dict(), path)
@@ -192,6 +213,7 @@ def test_imagenet_weights_load_from_a_local_timm_file(tmp_path):
 
 def test_imagenet_weights_of_another_architecture_are_refused(tmp_path):
     import timm
+
     path = tmp_path / "small.pth"
     torch.save(timm.create_model("deit_small_distilled_patch16_224", pretrained=False).state_dict(), path)
     with pytest.raises(ValueError, match="mis-shaped"):

@@ -1,10 +1,12 @@
 """Checkpoints: the reference's two released layouts load strictly; ours rebuild their model; writes are atomic."""
+
 import json
 
 import pytest
 import torch
 
 import util
+from model import checkpoint as checkpoints
 from model.network import ModelConfig, PRGSNetwork
 
 
@@ -26,11 +28,20 @@ def test_reference_full_checkpoint_loads_every_key(full_keys, reference_model, t
     generator = torch.Generator().manual_seed(0)
     weights = _stand_in(full_keys, "module.", generator)
     path = tmp_path / "msls_train_prgs.pt"
-    torch.save({"model_state_dict": weights, "epoch_num": 3, "optimizer_state_dict": {}, "recalls": None,
-                "best_r5": 0.0, "not_improved_num": 0}, path)
-    checkpoint = util.open_checkpoint(path)
+    torch.save(
+        {
+            "model_state_dict": weights,
+            "epoch_num": 3,
+            "optimizer_state_dict": {},
+            "recalls": None,
+            "best_r5": 0.0,
+            "not_improved_num": 0,
+        },
+        path,
+    )
+    checkpoint = checkpoints.open_checkpoint(path)
     assert checkpoint.layout == "reference_full" and checkpoint.model_config is None
-    util.load_weights(reference_model, checkpoint)
+    checkpoints.load_weights(reference_model, checkpoint)
     ours = reference_model.state_dict()
     assert len(ours) == len(full_keys) == 242
     for name, value in weights.items():
@@ -44,9 +55,9 @@ def test_reference_global_only_checkpoint_loads_the_backbone(full_keys, referenc
     weights = _stand_in(backbone_keys, "module.", generator)
     path = tmp_path / "msls_v2_deits.pth"
     torch.save({"model_state_dict": weights, "epoch_num": 10}, path)
-    checkpoint = util.open_checkpoint(path)
+    checkpoint = checkpoints.open_checkpoint(path)
     assert checkpoint.layout == "reference_global"
-    util.load_weights(reference_model, checkpoint)
+    checkpoints.load_weights(reference_model, checkpoint)
     ours = reference_model.state_dict()
     for name, value in weights.items():
         assert torch.equal(ours["backbone." + name.removeprefix("module.")], value), name
@@ -58,24 +69,27 @@ def test_a_wrong_shape_or_a_missing_key_is_named(full_keys, reference_model, tmp
     weights["module.local_head.weight"] = torch.randn(64, 384)
     path = tmp_path / "wrong_shape.pt"
     torch.save({"model_state_dict": weights}, path)
-    with pytest.raises(util.CheckpointError, match=r"1 mis-shaped key\(s\): local_head.weight: file \(64, 384\), "
-                                                   r"model \(128, 384\)"):
-        util.load_weights(reference_model, util.open_checkpoint(path))
+    with pytest.raises(
+        checkpoints.CheckpointError,
+        match=r"1 mis-shaped key\(s\): local_head.weight: file \(64, 384\), "
+        r"model \(128, 384\)",
+    ):
+        checkpoints.load_weights(reference_model, checkpoints.open_checkpoint(path))
 
     del weights["module.Reranker.classifier.bias"]
     weights["module.local_head.weight"] = torch.randn(128, 384)
     path = tmp_path / "missing.pt"
     torch.save({"model_state_dict": weights}, path)
-    with pytest.raises(util.CheckpointError, match=r"1 missing key\(s\): reranker.classifier.bias"):
-        util.load_weights(reference_model, util.open_checkpoint(path))
+    with pytest.raises(checkpoints.CheckpointError, match=r"1 missing key\(s\): reranker.classifier.bias"):
+        checkpoints.load_weights(reference_model, checkpoints.open_checkpoint(path))
 
     backbone_only = {k: v for k, v in _stand_in(full_keys, "module.", generator).items() if "backbone." in k}
     backbone_only = {k.replace("module.backbone.", "module."): v for k, v in backbone_only.items()}
     backbone_only.pop("module.blocks.5.mlp.fc1.bias")
     path = tmp_path / "global_missing.pt"
     torch.save({"model_state_dict": backbone_only}, path)
-    with pytest.raises(util.CheckpointError, match=r"missing key\(s\): backbone.blocks.5.mlp.fc1.bias"):
-        util.load_weights(reference_model, util.open_checkpoint(path))
+    with pytest.raises(checkpoints.CheckpointError, match=r"missing key\(s\): backbone.blocks.5.mlp.fc1.bias"):
+        checkpoints.load_weights(reference_model, checkpoints.open_checkpoint(path))
 
 
 def test_non_strict_load_skips_and_logs(reference_model, tmp_path, caplog):
@@ -83,33 +97,34 @@ def test_non_strict_load_skips_and_logs(reference_model, tmp_path, caplog):
     weights["module.extra.thing"] = torch.zeros(3)
     path = tmp_path / "extra.pt"
     torch.save({"model_state_dict": weights}, path)
-    with pytest.raises(util.CheckpointError, match="unexpected key"):
-        util.load_weights(reference_model, util.open_checkpoint(path))
-    util.load_weights(reference_model, util.open_checkpoint(path), strict=False)
+    with pytest.raises(checkpoints.CheckpointError, match="unexpected key"):
+        checkpoints.load_weights(reference_model, checkpoints.open_checkpoint(path))
+    checkpoints.load_weights(reference_model, checkpoints.open_checkpoint(path), strict=False)
     assert "extra.thing" in caplog.text
 
 
 def test_unrecognised_and_missing_files_are_explained(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"model_state_dict": {"fc.weight": torch.zeros(2)}, "foo": 1}, path)
-    with pytest.raises(util.CheckpointError, match="unrecognised checkpoint"):
-        util.open_checkpoint(path)
-    with pytest.raises(util.CheckpointError, match="checkpoint not found"):
-        util.open_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="unrecognised checkpoint"):
+        checkpoints.open_checkpoint(path)
+    with pytest.raises(checkpoints.CheckpointError, match="checkpoint not found"):
+        checkpoints.open_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(util.CheckpointError, match="cannot read checkpoint"):
-        util.open_checkpoint(tmp_path / "garbage.pt")
+    with pytest.raises(checkpoints.CheckpointError, match="cannot read checkpoint"):
+        checkpoints.open_checkpoint(tmp_path / "garbage.pt")
 
 
 def test_our_checkpoint_rebuilds_its_model(tmp_path):
     config = ModelConfig(backbone="deit_micro", image_size=(112, 144), local_dim=32, num_kept_nodes=50)
     model = PRGSNetwork(config)
     path = tmp_path / "model.pth"
-    util.save_model(model, path, args={"lr": 1e-3})
+    checkpoints.save_model(model, path, args={"lr": 1e-3})
     state = torch.load(path, weights_only=True)
-    assert state["format"] == util.CHECKPOINT_FORMAT and state["version"] == util.CHECKPOINT_VERSION
+    assert state["format"] == checkpoints.CHECKPOINT_FORMAT and state["version"] == checkpoints.CHECKPOINT_VERSION
     assert not any(k.startswith("module.") for k in state["model_state_dict"])
-    rebuilt, checkpoint = util.build_model(ModelConfig(), resume=path)   # the file's config wins over the default
+    # the file's config wins over the default
+    rebuilt, checkpoint = checkpoints.build_model(ModelConfig(), resume=path)
     assert checkpoint.layout == "prgs" and rebuilt.config == config
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
@@ -127,12 +142,14 @@ def test_atomic_save_keeps_the_previous_file_when_interrupted(tmp_path, monkeypa
         util.atomic_save({"value": torch.tensor(2)}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["value"] == 1
-    assert list(tmp_path.iterdir()) == [path]   # no temporary file left behind
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     import random
+
     import numpy as np
+
     util.set_seed(5)
     state = util.rng_states()
     util.atomic_save({"rng": state}, tmp_path / "rng.pth")
@@ -154,12 +171,15 @@ def test_resolve_device():
 
 def test_reference_checkpoints_are_built_at_480x640_and_run_at_resize(full_keys, tmp_path, capsys):
     import parser as prgs_parser
+
     generator = torch.Generator().manual_seed(5)
     path = tmp_path / "msls_train_prgs.pt"
     torch.save({"model_state_dict": _stand_in(full_keys, "module.", generator)}, path)
     args = prgs_parser.parse_test_args(["--dataset_name", "msls", "--resume", str(path), "--resize", "640", "480"])
-    assert args.model_config.image_size == (480, 640) and args.resize == (640, 480)   # portrait input, same regions
+    assert args.model_config.image_size == (480, 640) and args.resize == (640, 480)  # portrait input, same regions
     with pytest.raises(SystemExit):
         prgs_parser.parse_test_args(["--dataset_name", "msls", "--resume", str(path), "--resize", "320", "320"])
-    assert "gives a 20x20 grid with 129 region nodes, but the model was built for 480x640 (385 regions)" in \
-        capsys.readouterr().err
+    assert (
+        "gives a 20x20 grid with 129 region nodes, but the model was built for 480x640 (385 regions)"
+        in capsys.readouterr().err
+    )

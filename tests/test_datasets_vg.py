@@ -1,8 +1,8 @@
-"""VG-format datasets: layout, UTM parsing, positives, errors, unreadable images, BaseDataset."""
+"""VG-format datasets: layout, UTM parsing, positives, errors, unreadable images, ImageDataset."""
+
 import logging
 import pickle
 import re
-import sys
 import types
 from pathlib import Path
 
@@ -12,19 +12,29 @@ import torch
 from PIL import Image
 
 import datasets_ws
-from datasets_ws import (IMAGENET_MEAN, IMAGENET_STD, BadImageError, BaseDataset, DatasetError, PlaceIndex,
-                         build_vg_split, find_unreadable_images, load_image, load_split, positives_within_radius,
-                         utm_from_filename, without_images)
+from datasets_ws import ImageDataset, load_split
+from places import images
+from places.images import IMAGENET_MEAN, IMAGENET_STD, BadImageError, find_unreadable_images, load_image
+from places.index import DatasetError, PlaceIndex, positives_within_radius, without_images
+from places.vg import build_vg_split, utm_from_filename
 
 IMAGE_WIDTH, IMAGE_HEIGHT = 48, 32
 
 # (east, north) of the images of the tiny dataset; the train split uses the same layout as val.
-DATABASE_UTMS = {"d0": (0.0, 0.0), "d1": (5.0, 0.0), "d2": (20.0, 0.0), "d3": (100.0, 0.0), "d4": (0.0, 24.0),
-                 "d5": (300.0, 300.0)}
-QUERIES_UTMS = {"q0": (1.0, 0.0),       # hard: d0 d1; soft: d0 d1 d2 d4
-                "q1": (60.0, 0.0),      # nothing within 25 m
-                "q2": (99.0, 3.0),      # hard: d3
-                "q3": (300.0, 292.0)}   # hard: d5 (in a sub-folder whose name holds an '@')
+DATABASE_UTMS = {
+    "d0": (0.0, 0.0),
+    "d1": (5.0, 0.0),
+    "d2": (20.0, 0.0),
+    "d3": (100.0, 0.0),
+    "d4": (0.0, 24.0),
+    "d5": (300.0, 300.0),
+}
+QUERIES_UTMS = {
+    "q0": (1.0, 0.0),  # hard: d0 d1; soft: d0 d1 d2 d4
+    "q1": (60.0, 0.0),  # nothing within 25 m
+    "q2": (99.0, 3.0),  # hard: d3
+    "q3": (300.0, 292.0),
+}  # hard: d5 (in a sub-folder whose name holds an '@')
 
 
 def vg_name(east: float, north: float, note: str) -> str:
@@ -85,8 +95,9 @@ def test_vg_split_paths_sorted_utms_and_positives(tmp_path):
     np.testing.assert_allclose(index.database_utms, expected_database)
     np.testing.assert_allclose(index.queries_utms, expected_queries)
     assert index.hard_positives_per_query is None  # val: no hard positives
-    for found, expected in zip(index.soft_positives_per_query,
-                               brute_force_positives(expected_database, expected_queries, 25.0)):
+    for found, expected in zip(
+        index.soft_positives_per_query, brute_force_positives(expected_database, expected_queries, 25.0)
+    ):
         np.testing.assert_array_equal(found, expected)
     assert index.database_keys[0] == Path(index.database_paths[0]).stem
     assert index.absolute_path(index.database_num).is_file()  # the first query
@@ -96,7 +107,7 @@ def test_vg_split_paths_sorted_utms_and_positives(tmp_path):
 
 def test_train_split_hard_positives_and_dropped_queries(tmp_path, caplog):
     make_vg_dataset(tmp_path)
-    with caplog.at_level(logging.INFO, logger="datasets_ws"):
+    with caplog.at_level(logging.INFO, logger="places.index"):
         index = build_vg_split(tmp_path, "tiny", "train")
     assert sorted(notes(index.queries_paths)) == ["q0", "q2", "q3"]  # q1 has no image within 10 m
     assert "dropped 1 of 4 queries without a hard positive" in caplog.text
@@ -114,8 +125,9 @@ def test_positives_within_radius_matches_brute_force_and_never_crosses_groups():
     rng = np.random.default_rng(0)
     database = rng.uniform(0, 100, size=(300, 2))
     queries = rng.uniform(0, 100, size=(40, 2))
-    for found, expected in zip(positives_within_radius(database, queries, 12.5),
-                               brute_force_positives(database, queries, 12.5)):
+    for found, expected in zip(
+        positives_within_radius(database, queries, 12.5), brute_force_positives(database, queries, 12.5)
+    ):
         np.testing.assert_array_equal(found, expected)
         assert found.dtype == np.int64
     database_groups = ["a" if i % 2 else "b" for i in range(len(database))]
@@ -166,7 +178,7 @@ def test_unreadable_images_raise_bad_image_error_naming_the_file(tmp_path):
     make_vg_dataset(tmp_path)
     truncated, text_file = corrupt_images(tmp_path / "tiny" / "images" / "val")
     index = build_vg_split(tmp_path, "tiny", "val")  # nothing is decoded while building
-    dataset = BaseDataset(index, (IMAGE_HEIGHT, IMAGE_WIDTH))
+    dataset = ImageDataset(index, (IMAGE_HEIGHT, IMAGE_WIDTH))
     global_index = {str(index.absolute_path(i)): i for i in range(len(index))}
     with pytest.raises(BadImageError, match=rf"{re.escape(truncated.name)}.*[Tt]runcated.*--skip_bad_images"):
         dataset[global_index[str(truncated)]]
@@ -197,7 +209,7 @@ def test_load_split_skip_bad_images_excludes_and_reports(tmp_path, caplog):
     queries = np.array([QUERIES_UTMS[n] for n in notes(index.queries_paths)])
     for found, expected in zip(index.soft_positives_per_query, brute_force_positives(database, queries, 25.0)):
         np.testing.assert_array_equal(found, expected)
-    images = [BaseDataset(index, (IMAGE_HEIGHT, IMAGE_WIDTH))[i][0] for i in range(len(index))]
+    images = [ImageDataset(index, (IMAGE_HEIGHT, IMAGE_WIDTH))[i][0] for i in range(len(index))]
     assert len(images) == 8
     unchecked = load_split(tmp_path, "tiny", "val")  # without the flag nothing is scanned
     assert (unchecked.database_num, unchecked.queries_num, unchecked.excluded) == (6, 4, [])
@@ -220,17 +232,17 @@ def test_without_images_renumbers_positives_and_rejects_unknown_paths(tmp_path):
 def test_base_dataset_item_shape_dtype_and_normalisation(tmp_path):
     make_vg_dataset(tmp_path)
     index = build_vg_split(tmp_path, "tiny", "val")
-    image, i = BaseDataset(index, (IMAGE_HEIGHT, IMAGE_WIDTH))[3]
+    image, i = ImageDataset(index, (IMAGE_HEIGHT, IMAGE_WIDTH))[3]
     assert i == 3 and image.shape == (3, IMAGE_HEIGHT, IMAGE_WIDTH) and image.dtype == torch.float32
     expected = (torch.tensor([128, 64, 200]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     torch.testing.assert_close(image.mean(dim=(1, 2)), expected.float(), atol=0.04, rtol=0)
-    resized, _ = BaseDataset(index, (16, 24))[index.database_num]
+    resized, _ = ImageDataset(index, (16, 24))[index.database_num]
     assert resized.shape == (3, 16, 24)
-    assert BaseDataset(index, None)[0][0].shape == (3, IMAGE_HEIGHT, IMAGE_WIDTH)
+    assert ImageDataset(index, None)[0][0].shape == (3, IMAGE_HEIGHT, IMAGE_WIDTH)
     with pytest.raises(ValueError, match="image_size"):
-        BaseDataset(index, (480,))
-    copied = pickle.loads(pickle.dumps(BaseDataset(index, (16, 24))))  # what DataLoader workers receive
-    torch.testing.assert_close(copied[2][0], BaseDataset(index, (16, 24))[2][0])
+        ImageDataset(index, (480,))
+    copied = pickle.loads(pickle.dumps(ImageDataset(index, (16, 24))))  # what DataLoader workers receive
+    torch.testing.assert_close(copied[2][0], ImageDataset(index, (16, 24))[2][0])
 
 
 def test_grayscale_image_becomes_three_channels(tmp_path):
@@ -248,9 +260,10 @@ def test_load_split_generates_the_toy_world_once(tmp_path, monkeypatch):
         (world / "toy_world.json").write_text("{}")  # the manifest, written last
         return world
 
-    fake_module = types.SimpleNamespace(make_toy_world=make_toy_world, TOY_WORLD_NAME="toy_world",
-                                        MANIFEST_NAME="toy_world.json")
-    monkeypatch.setitem(sys.modules, "toy_world", fake_module)
+    fake_module = types.SimpleNamespace(
+        make_toy_world=make_toy_world, TOY_WORLD_NAME="toy_world", MANIFEST_NAME="toy_world.json"
+    )
+    monkeypatch.setattr(datasets_ws, "toy_world", fake_module)
     index = load_split(tmp_path / "data", "toy_world", "val")
     assert index.name == "toy_world/val" and (index.database_num, index.queries_num) == (6, 4)
     load_split(tmp_path / "data", "toy_world", "val")
@@ -259,9 +272,16 @@ def test_load_split_generates_the_toy_world_once(tmp_path, monkeypatch):
 
 def test_place_index_checks_per_image_lengths(tmp_path):
     with pytest.raises(ValueError, match="soft_positives_per_query has 1 entries, expected 2"):
-        PlaceIndex(name="x/val", root=tmp_path, database_paths=["a.jpg"], queries_paths=["b.jpg", "c.jpg"],
-                   database_utms=None, queries_utms=None, soft_positives_per_query=[np.array([0])])
+        PlaceIndex(
+            name="x/val",
+            root=tmp_path,
+            database_paths=["a.jpg"],
+            queries_paths=["b.jpg", "c.jpg"],
+            database_utms=None,
+            queries_utms=None,
+            soft_positives_per_query=[np.array([0])],
+        )
 
 
 def test_module_has_the_imagenet_constants():
-    assert datasets_ws.IMAGENET_MEAN == (0.485, 0.456, 0.406) and datasets_ws.IMAGENET_STD == (0.229, 0.224, 0.225)
+    assert images.IMAGENET_MEAN == (0.485, 0.456, 0.406) and images.IMAGENET_STD == (0.229, 0.224, 0.225)

@@ -1,4 +1,5 @@
 """Evaluation pipeline: recalls, faiss retrieval, the compact store, reranking, and test.py end to end."""
+
 import csv
 import json
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import test as evaluation_script
-from datasets_ws import BaseDataset, load_split
+import evaluation
+import test as test_script
+from datasets_ws import ImageDataset, load_split
 from feature_store import REFERENCE_BYTES_PER_IMAGE, LocalFeatureStore
 from model.network import ModelConfig
 from retrieval import exact_knn, fused_scores, recall_at_n
@@ -48,13 +50,14 @@ def test_fusion_weight_zero_is_the_reranker_alone():
 def _nodes(seed, batch=3, grid=(6, 8), local_dim=5, num_kept=40):
     generator = torch.Generator().manual_seed(seed)
     from model.local_features import build_nodes
+
     descriptors = torch.randn(batch, grid[0] * grid[1], local_dim, generator=generator)
     attention = torch.rand(batch, grid[0] * grid[1], generator=generator)
     return build_nodes(descriptors, attention, grid, (grid[0] * 16, grid[1] * 16), 16, num_kept)
 
 
 def test_store_round_trip_rebuilds_the_reranker_input(tmp_path):
-    nodes = torch.cat([_nodes(0), _nodes(1)])                           # 6 images, written out of order
+    nodes = torch.cat([_nodes(0), _nodes(1)])  # 6 images, written out of order
     store = LocalFeatureStore.create(tmp_path / "store", 6, (6, 8), (96, 128), 16, num_kept=40, local_dim=5)
     store.write([3, 4, 5], nodes[3:])
     store.write([0, 1, 2], nodes[:3])
@@ -62,9 +65,9 @@ def test_store_round_trip_rebuilds_the_reranker_input(tmp_path):
     reopened = LocalFeatureStore.open(tmp_path / "store")
     rebuilt = reopened.read([5, 0, 3, 3])
     expected = nodes[[5, 0, 3, 3]]
-    assert torch.equal(rebuilt == 0, expected == 0)                     # zeroed rows restored exactly
-    assert torch.equal(rebuilt[..., :2], expected[..., :2])             # coordinates recomputed exactly
-    torch.testing.assert_close(rebuilt, expected.half().float(), rtol=0, atol=0)   # the rest: float16 rounding
+    assert torch.equal(rebuilt == 0, expected == 0)  # zeroed rows restored exactly
+    assert torch.equal(rebuilt[..., :2], expected[..., :2])  # coordinates recomputed exactly
+    torch.testing.assert_close(rebuilt, expected.half().float(), rtol=0, atol=0)  # the rest: float16 rounding
     assert reopened.bytes_per_image == 40 * 6 * 2 + 40 * 2
 
 
@@ -100,43 +103,66 @@ class _InMemoryNodes:
 
 
 def test_reranked_order_from_the_store_equals_float32_in_memory(small_toy_world, trained_toy_checkpoint, tmp_path):
-    import util
-    model, _ = util.build_model(ModelConfig(), resume=trained_toy_checkpoint)
+    from model.checkpoint import build_model
+
+    model, _ = build_model(ModelConfig(), resume=trained_toy_checkpoint)
     model.eval()
     index = load_split(small_toy_world, "toy_world", "test")
-    settings = evaluation_script.EvalSettings(image_size=(144, 192), device=torch.device("cpu"), infer_batch_size=16,
-                                              num_workers=0, rerank_top=10, rerank_batch_size=4)
-    descriptors, store, _ = evaluation_script.extract_features(model, index, settings, tmp_path / "store")
+    settings = evaluation.EvalSettings(
+        image_size=(144, 192),
+        device=torch.device("cpu"),
+        infer_batch_size=16,
+        num_workers=0,
+        rerank_top=10,
+        rerank_batch_size=4,
+    )
+    descriptors, store, _ = evaluation.extract_features(model, index, settings, tmp_path / "store")
     with torch.no_grad():
-        images = torch.stack([BaseDataset(index, (144, 192))[i][0] for i in range(len(index))])
+        images = torch.stack([ImageDataset(index, (144, 192))[i][0] for i in range(len(index))])
         global_in_memory, nodes_in_memory = model(images)
     np.testing.assert_allclose(descriptors, global_in_memory.numpy(), atol=1e-5)
-    distances, predictions = exact_knn(descriptors[:index.database_num], descriptors[index.database_num:], 10)
-    from_store, store_scores, _ = evaluation_script.rerank(model, store, predictions, distances, index.database_num,
-                                                           settings)
-    in_memory, memory_scores, _ = evaluation_script.rerank(model, _InMemoryNodes(nodes_in_memory), predictions,
-                                                           distances, index.database_num, settings)
+    distances, predictions = exact_knn(descriptors[: index.database_num], descriptors[index.database_num :], 10)
+    from_store, store_scores, _ = evaluation.rerank(model, store, predictions, distances, index.database_num, settings)
+    in_memory, memory_scores, _ = evaluation.rerank(
+        model, _InMemoryNodes(nodes_in_memory), predictions, distances, index.database_num, settings
+    )
     assert np.array_equal(from_store, in_memory)
     np.testing.assert_allclose(store_scores, memory_scores, atol=1e-3)
-    assert not np.array_equal(from_store, predictions)   # the reranker did re-sort
-    assert (memory_scores.max(1) - memory_scores.min(1)).mean() > 0.05   # a trained reranker: scores that differ
+    assert not np.array_equal(from_store, predictions)  # the reranker did re-sort
+    assert (memory_scores.max(1) - memory_scores.min(1)).mean() > 0.05  # a trained reranker: scores that differ
 
 
 def test_test_py_end_to_end_on_the_toy_world(small_toy_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    results = evaluation_script.main(["--datasets_folder", str(small_toy_world), "--num_preds_to_save", "3",
-                                      "--recall_values", "1", "5", "50", *TOY_ARGS])
+    results = test_script.main(
+        [
+            "--datasets_folder",
+            str(small_toy_world),
+            "--num_preds_to_save",
+            "3",
+            "--recall_values",
+            "1",
+            "5",
+            "50",
+            *TOY_ARGS,
+        ]
+    )
     run_folder = next((tmp_path / "logs" / "test").iterdir())
     on_disk = json.loads((run_folder / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     assert on_disk["dataset"]["database_num"] == 38 and on_disk["dataset"]["queries_num"] == 12
     assert set(on_disk["recalls"]["global"]) == {"R@1", "R@5", "R@50"}
-    assert on_disk["recalls"]["global"]["R@50"] == 100.0            # clamped to the 38-image database
+    assert on_disk["recalls"]["global"]["R@50"] == 100.0  # clamped to the 38-image database
     assert on_disk["rerank_top"] == 20
-    for key in ("extraction_ms_per_image_database", "extraction_ms_per_image_queries", "retrieval_ms_per_query",
-                "rerank_ms_per_query", "rerank_forward_ms_per_query"):
+    for key in (
+        "extraction_ms_per_image_database",
+        "extraction_ms_per_image_queries",
+        "retrieval_ms_per_query",
+        "rerank_ms_per_query",
+        "rerank_forward_ms_per_query",
+    ):
         assert on_disk["timings"][key] > 0
-    assert on_disk["store"]["bytes_per_image"] == 90 * (1 + 32) * 2 + 90 * 2     # toy preset: local_dim 32
+    assert on_disk["store"]["bytes_per_image"] == 90 * (1 + 32) * 2 + 90 * 2  # toy preset: local_dim 32
     assert (run_folder / "info.log").is_file() and (run_folder / "debug.log").is_file()
     assert not (run_folder / "local_features").exists()
     with open(run_folder / "predictions.csv") as file:
@@ -148,8 +174,9 @@ def test_test_py_end_to_end_on_the_toy_world(small_toy_world, tmp_path, monkeypa
 
 def test_rerank_top_is_clamped_and_never_leaks_minus_one(small_toy_world, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
-    evaluation_script.main(["--datasets_folder", str(small_toy_world), "--rerank_top", "500",
-                            "--recall_values", "1", *TOY_ARGS])
+    test_script.main(
+        ["--datasets_folder", str(small_toy_world), "--rerank_top", "500", "--recall_values", "1", *TOY_ARGS]
+    )
     assert "--rerank_top 500 is larger than the database (38 images): using 38" in caplog.text
     run_folder = next((tmp_path / "logs" / "test").iterdir())
     with open(run_folder / "predictions.csv") as file:
@@ -159,49 +186,68 @@ def test_rerank_top_is_clamped_and_never_leaks_minus_one(small_toy_world, tmp_pa
 
 def test_skip_bad_images_is_reported_in_results(small_toy_world, tmp_path, monkeypatch):
     import shutil
+
     datasets = tmp_path / "datasets"
     shutil.copytree(small_toy_world, datasets)
     database = sorted((datasets / "toy_world/images/test/database").glob("*.jpg"))
-    database[0].write_bytes(database[0].read_bytes()[:200])          # truncated JPEG
+    database[0].write_bytes(database[0].read_bytes()[:200])  # truncated JPEG
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Exception, match=f"cannot decode image .*{database[0].name}"):
-        evaluation_script.main(["--datasets_folder", str(datasets), *TOY_ARGS])
-    results = evaluation_script.main(["--datasets_folder", str(datasets), "--skip_bad_images", *TOY_ARGS])
+        test_script.main(["--datasets_folder", str(datasets), *TOY_ARGS])
+    results = test_script.main(["--datasets_folder", str(datasets), "--skip_bad_images", *TOY_ARGS])
     assert results["dataset"]["database_num"] == 37
     assert [e["path"] for e in results["dataset"]["excluded_images"]] == [f"database/{database[0].name}"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--rerank_top", "0"], "expected a positive integer"),
-    (["--rerank_fusion", "1.5"], r"expected a number in \[0, 1\]"),
-    (["--resize", "100", "100"], "image size 100x100"),
-    (["--resume", "no_such_file.pth"], "--resume no_such_file.pth: file not found"),
-    (["--num_kept_nodes", "5000"], r"num_kept_nodes must be in \[1, 108\]"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rerank_top", "0"], "expected a positive integer"),
+        (["--rerank_fusion", "1.5"], r"expected a number in \[0, 1\]"),
+        (["--resize", "100", "100"], "image size 100x100"),
+        (["--resume", "no_such_file.pth"], "--resume no_such_file.pth: file not found"),
+        (["--num_kept_nodes", "5000"], r"num_kept_nodes must be in \[1, 108\]"),
+    ],
+)
 def test_bad_flags_are_refused_with_a_message(flags, message, capsys):
     with pytest.raises(SystemExit):
-        evaluation_script.main(flags)
+        test_script.main(flags)
     assert __import__("re").search(message, capsys.readouterr().err)
 
 
 def test_missing_dataset_and_incompatible_checkpoint_are_explained(tmp_path, monkeypatch):
-    from datasets_ws import DatasetError
+    from places.index import DatasetError
+
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DatasetError, match="dataset folder .*pitts30k not found"):
-        evaluation_script.main(["--dataset_name", "pitts30k", "--datasets_folder", str(tmp_path), *TOY_ARGS])
+        test_script.main(["--dataset_name", "pitts30k", "--datasets_folder", str(tmp_path), *TOY_ARGS])
     bad = tmp_path / "bad.pth"
     torch.save({"model_state_dict": {"module.something": torch.zeros(1)}}, bad)
     with pytest.raises(SystemExit):
-        evaluation_script.main(["--resume", str(bad), *TOY_ARGS])
+        test_script.main(["--resume", str(bad), *TOY_ARGS])
 
 
 def test_scripts_print_dataset_errors_as_one_line(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     repo = Path(__file__).resolve().parents[1]
-    completed = subprocess.run([sys.executable, str(repo / "test.py"), "--dataset_name", "pitts30k",
-                                "--datasets_folder", str(tmp_path / "nowhere"), "--output_folder", str(tmp_path / "run")],
-                               capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "test.py"),
+            "--dataset_name",
+            "pitts30k",
+            "--datasets_folder",
+            str(tmp_path / "nowhere"),
+            "--output_folder",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert completed.returncode == 2
     assert "error: datasets folder" in completed.stderr and "Traceback" not in completed.stderr

@@ -1,4 +1,5 @@
 """Native MSLS: CSV reading, the official filters, per-city positives, the cache, metrics, submission file."""
+
 import csv
 import logging
 import shutil
@@ -8,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import msls
-from datasets_ws import DatasetError, load_split
-from msls import (build_msls_split, msls_average_precision_at_k, msls_map_at_k, msls_recall_at_k,
-                  write_msls_submission)
+from datasets_ws import load_split
+from places import msls
+from places.index import DatasetError
+from places.msls import build_msls_split, msls_average_precision_at_k, msls_map_at_k, write_msls_submission
+from retrieval import recall_at_n
 
 # Column layouts of the real files (mapillary_sls reads them with pandas, index_col=0).
 SEQ_INFO_HEADER = ["", "key", "sequence_key", "frame_number"]
@@ -27,13 +29,19 @@ def image(key, east=0.0, north=0.0, pano=False, in_all=True, night=False, view="
 # cph and sf share UTM numbers on purpose: cq0 is 3 m from sf's sdb1 and must not match it.
 CITIES = {
     "cph": {
-        "database": [image("cdb0", 1000, 1000), image("cdb1", 1010, 1000),
-                     image("cdb2", 1000, 1100, pano=True), image("cdb3", 2000, 2000, in_all=False)],
-        "query": [image("cq0", 1005, 1000),                  # positives cdb0, cdb1 (a tie at 5 m: index order)
-                  image("cq1", 1000, 1098),                  # only near the panorama cdb2: dropped
-                  image("cq2", 2000, 2001),                  # only near cdb3, outside subtask 'all': dropped
-                  image("cq3", 1000, 1000, pano=True),       # panorama: dropped
-                  image("cq4", 1000, 1020, in_all=False)],   # outside subtask 'all': dropped
+        "database": [
+            image("cdb0", 1000, 1000),
+            image("cdb1", 1010, 1000),
+            image("cdb2", 1000, 1100, pano=True),
+            image("cdb3", 2000, 2000, in_all=False),
+        ],
+        "query": [
+            image("cq0", 1005, 1000),  # positives cdb0, cdb1 (a tie at 5 m: index order)
+            image("cq1", 1000, 1098),  # only near the panorama cdb2: dropped
+            image("cq2", 2000, 2001),  # only near cdb3, outside subtask 'all': dropped
+            image("cq3", 1000, 1000, pano=True),  # panorama: dropped
+            image("cq4", 1000, 1020, in_all=False),
+        ],  # outside subtask 'all': dropped
     },
     "sf": {
         "database": [image("sdb0", 3000, 3000), image("sdb1", 1003, 1000)],
@@ -41,14 +49,16 @@ CITIES = {
     },
     "london": {
         "database": [image("ldb0", 0, 0), image("ldb1", 8, 0), image("ldb2", 20, 0), image("ldb3", 0, 50, pano=True)],
-        "query": [image("lq0", 1, 0),                       # hard ldb0 ldb1; soft + ldb2
-                  image("lq1", 0, 45),                      # only near the panorama ldb3: dropped
-                  image("lq2", 15, 0, night=True),          # hard ldb2 ldb1; soft + ldb0
-                  image("lq3", 0, 18)],                     # soft ldb0 but no hard positive: dropped
+        "query": [
+            image("lq0", 1, 0),  # hard ldb0 ldb1; soft + ldb2
+            image("lq1", 0, 45),  # only near the panorama ldb3: dropped
+            image("lq2", 15, 0, night=True),  # hard ldb2 ldb1; soft + ldb0
+            image("lq3", 0, 18),
+        ],  # soft ldb0 but no hard positive: dropped
     },
     "boston": {
-        "database": [image("bdb0", 0, 0, in_all=False)],     # train applies no subtask filter
-        "query": [image("bq0", 2, 0, view="Sideways")],      # bdb0 only, never london's ldb0
+        "database": [image("bdb0", 0, 0, in_all=False)],  # train applies no subtask filter
+        "query": [image("bq0", 2, 0, view="Sideways")],  # bdb0 only, never london's ldb0
     },
     "miami": {
         "database": [image("mdb0"), image("mdb1", in_all=False)],
@@ -74,23 +84,37 @@ def make_msls(datasets_folder: Path) -> Path:
             (folder / "images").mkdir(parents=True)
             for row, im in enumerate(images):
                 Image.new("RGB", (8, 6), (row * 40 % 255, 90, 30)).save(folder / "images" / f"{im['key']}.jpg")
-            write_csv(folder / "seq_info.csv", SEQ_INFO_HEADER,
-                      [[row, im["key"], f"seq_{city}", row] for row, im in enumerate(images)])
+            write_csv(
+                folder / "seq_info.csv",
+                SEQ_INFO_HEADER,
+                [[row, im["key"], f"seq_{city}", row] for row, im in enumerate(images)],
+            )
             subtasks = [[im["in_all"]] + [False] * 6 for im in images]
             if city == "sf":  # no key column: rows align with seq_info.csv
-                write_csv(folder / "subtask_index.csv", [""] + SUBTASK_COLUMNS,
-                          [[row] + s for row, s in enumerate(subtasks)])
+                write_csv(
+                    folder / "subtask_index.csv", [""] + SUBTASK_COLUMNS, [[row] + s for row, s in enumerate(subtasks)]
+                )
             else:
-                write_csv(folder / "subtask_index.csv", ["", "key"] + SUBTASK_COLUMNS,
-                          [[row, im["key"]] + s for row, (im, s) in enumerate(zip(images, subtasks))])
+                write_csv(
+                    folder / "subtask_index.csv",
+                    ["", "key"] + SUBTASK_COLUMNS,
+                    [[row, im["key"]] + s for row, (im, s) in enumerate(zip(images, subtasks))],
+                )
             if is_test:
                 continue
-            rows = [[row, im["key"], f"{im['east']:.3f}", f"{im['north']:.3f}", 0, False, im["night"], im["view"]]
-                    for row, im in enumerate(images)]
+            rows = [
+                [row, im["key"], f"{im['east']:.3f}", f"{im['north']:.3f}", 0, False, im["night"], im["view"]]
+                for row, im in enumerate(images)
+            ]
             write_csv(folder / "postprocessed.csv", POSTPROCESSED_HEADER, rows[::-1])  # matched by key, any order
-            write_csv(folder / "raw.csv", RAW_HEADER,
-                      [[row, im["key"], 12.5, 55.6, 90.0, "2016-01-01 10:00:00", im["pano"]]
-                       for row, im in enumerate(images)])
+            write_csv(
+                folder / "raw.csv",
+                RAW_HEADER,
+                [
+                    [row, im["key"], 12.5, 55.6, 90.0, "2016-01-01 10:00:00", im["pano"]]
+                    for row, im in enumerate(images)
+                ],
+            )
     return datasets_folder / "msls"
 
 
@@ -114,7 +138,7 @@ def test_val_follows_the_official_protocol(msls_folder):
     index = build_msls_split(msls_folder, "val")
     assert index.name == "msls/val" and index.root == msls_folder / "msls"
     assert index.database_keys == ["cdb0", "cdb1", "sdb0", "sdb1"]  # panorama and non-'all' images dropped
-    assert index.queries_keys == ["cq0", "sq0", "sq1"]                # and queries without a positive
+    assert index.queries_keys == ["cq0", "sq0", "sq1"]  # and queries without a positive
     assert keys_of(index, index.soft_positives_per_query) == [["cdb0", "cdb1"], ["sdb0"], ["sdb1"]]
     assert index.hard_positives_per_query is None
     assert index.database_paths[0] == "train_val/cph/database/images/cdb0.jpg"
@@ -125,15 +149,18 @@ def test_val_follows_the_official_protocol(msls_folder):
 
 
 def test_train_hard_and_soft_positives_per_city(msls_folder, caplog):
-    with caplog.at_level(logging.INFO, logger="datasets_ws"):
+    with caplog.at_level(logging.INFO, logger="places.index"):
         index = build_msls_split(msls_folder, "train", cities=TRAIN_CITIES)
     assert index.name == "msls/train-london+boston"
     assert index.database_keys == ["ldb0", "ldb1", "ldb2", "bdb0"]
     assert index.queries_keys == ["lq0", "lq2", "bq0"]
     assert "dropped 2 of 5 queries without a hard positive" in caplog.text
     assert keys_of(index, index.hard_positives_per_query) == [["ldb0", "ldb1"], ["ldb2", "ldb1"], ["bdb0"]]
-    assert keys_of(index, index.soft_positives_per_query) == [["ldb0", "ldb1", "ldb2"], ["ldb2", "ldb1", "ldb0"],
-                                                              ["bdb0"]]
+    assert keys_of(index, index.soft_positives_per_query) == [
+        ["ldb0", "ldb1", "ldb2"],
+        ["ldb2", "ldb1", "ldb0"],
+        ["bdb0"],
+    ]
     np.testing.assert_array_equal(index.queries_attributes["night"], [False, True, False])
     np.testing.assert_array_equal(index.queries_attributes["sideways"], [False, False, True])
 
@@ -172,7 +199,7 @@ def test_second_build_loads_from_the_cache(msls_folder, caplog):
     first = build_msls_split(msls_folder, "val")
     assert (msls_folder / "msls" / "prgs_index" / "msls_val.npz").is_file()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="msls"):
+    with caplog.at_level(logging.INFO, logger="places.msls"):
         second = build_msls_split(msls_folder, "val")
     assert "loaded < msls/val: 4 database, 3 queries > from the cache" in caplog.text
     assert "building" not in caplog.text
@@ -183,8 +210,12 @@ def test_second_build_loads_from_the_cache(msls_folder, caplog):
 
 def assert_same_index(a, b):
     assert (a.name, a.root, a.database_paths, a.queries_paths) == (b.name, b.root, b.database_paths, b.queries_paths)
-    assert (a.database_keys, a.queries_keys, a.database_groups, a.queries_groups) == \
-           (b.database_keys, b.queries_keys, b.database_groups, b.queries_groups)
+    assert (a.database_keys, a.queries_keys, a.database_groups, a.queries_groups) == (
+        b.database_keys,
+        b.queries_keys,
+        b.database_groups,
+        b.queries_groups,
+    )
     np.testing.assert_array_equal(a.database_utms, b.database_utms)
     np.testing.assert_array_equal(a.queries_utms, b.queries_utms)
     for kind in ("soft", "hard"):
@@ -200,7 +231,7 @@ def test_edited_csv_makes_the_cache_stale(msls_folder, caplog):
     build_msls_split(msls_folder, "val")
     post = msls_folder / "msls" / "train_val" / "sf" / "database" / "postprocessed.csv"
     post.write_text(post.read_text().replace("3000.000,3000.000", "3000.000,3500.000"))  # sdb0 moves 500 m
-    with caplog.at_level(logging.INFO, logger="msls"):
+    with caplog.at_level(logging.INFO, logger="places.msls"):
         index = build_msls_split(msls_folder, "val")
     assert "is stale" in caplog.text
     assert index.queries_keys == ["cq0", "sq1"]  # sq0 lost its only positive
@@ -210,7 +241,7 @@ def test_truncated_cache_is_rebuilt(msls_folder, caplog):
     first = build_msls_split(msls_folder, "val")
     cache = msls_folder / "msls" / "prgs_index" / "msls_val.npz"
     cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
-    with caplog.at_level(logging.INFO, logger="msls"):
+    with caplog.at_level(logging.INFO, logger="places.msls"):
         rebuilt = build_msls_split(msls_folder, "val")
     assert "is unreadable" in caplog.text and "building the msls/val index" in caplog.text
     assert_same_index(first, rebuilt)
@@ -222,7 +253,7 @@ def test_moved_dataset_uses_its_cache(msls_folder, tmp_path, caplog):
     moved = tmp_path / "moved"
     shutil.move(str(msls_folder), str(moved))
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="msls"):
+    with caplog.at_level(logging.INFO, logger="places.msls"):
         index = build_msls_split(moved, "val")
     assert "from the cache" in caplog.text and "building" not in caplog.text
     assert index.root == moved / "msls"
@@ -231,7 +262,7 @@ def test_moved_dataset_uses_its_cache(msls_folder, tmp_path, caplog):
 
 def test_unwritable_cache_folder_falls_back_to_the_user_cache(msls_folder, tmp_path, caplog):
     (msls_folder / "msls" / "prgs_index").write_text("a file where the cache folder should be")
-    with caplog.at_level(logging.INFO, logger="msls"):
+    with caplog.at_level(logging.INFO, logger="places.msls"):
         build_msls_split(msls_folder, "val")
         assert "cannot write the MSLS cache" in caplog.text
         assert (tmp_path / "user_cache" / "prgs" / "msls_index" / "msls_val.npz").is_file()
@@ -261,16 +292,15 @@ def test_exclude_and_skip_bad_images(msls_folder, caplog):
 # Metrics and submission
 # ------------------------------------------------------------------------------------------------------------------
 
-PREDICTIONS = np.array([[0, 1, 2, 3, 4, 5],
-                        [0, 5, 4, 1, 3, 2]])
+PREDICTIONS = np.array([[0, 1, 2, 3, 4, 5], [0, 5, 4, 1, 3, 2]])
 POSITIVES = [np.array([4, 5]), np.array([0, 1])]
 
 
 def test_recall_at_k_by_hand():
-    # query 0: first positive at rank 5; query 1: at rank 1
-    assert msls_recall_at_k(PREDICTIONS, POSITIVES, ks=(1, 3, 5)) == {1: 50.0, 3: 50.0, 5: 100.0}
+    # query 0: first positive at rank 5; query 1: at rank 1. MSLS's recall@k is the VG benchmark's recall@N.
+    assert recall_at_n(PREDICTIONS, POSITIVES, (1, 3, 5)) == {1: 50.0, 3: 50.0, 5: 100.0}
     padded = np.array([[-1, -1, 4], [0, -1, -1]])  # -1 (faiss padding) never matches
-    assert msls_recall_at_k(padded, POSITIVES, ks=(1, 3)) == {1: 50.0, 3: 100.0}
+    assert recall_at_n(padded, POSITIVES, (1, 3)) == {1: 50.0, 3: 100.0}
 
 
 def test_map_at_k_by_hand():
@@ -283,7 +313,7 @@ def test_map_at_k_by_hand():
 
 def test_metrics_reject_bad_input():
     with pytest.raises(ValueError, match=r"ks must be in 1\.\.6"):
-        msls_recall_at_k(PREDICTIONS, POSITIVES, ks=(1, 10))
+        msls_map_at_k(PREDICTIONS, POSITIVES, ks=(1, 10))
     with pytest.raises(ValueError, match="2 rows but there are 1 positive lists"):
         msls_map_at_k(PREDICTIONS, POSITIVES[:1], ks=(1,))
     with pytest.raises(ValueError, match=r"queries \[1\].*have none"):

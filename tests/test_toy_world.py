@@ -1,4 +1,5 @@
-"""Tests of the built-in toy-world generator (toy_world.py), on the `small` preset unless marked slow."""
+"""Tests of the built-in toy-world generator (places/toy_world.py), on the `small` preset unless marked slow."""
+
 import dataclasses
 import json
 import shutil
@@ -9,15 +10,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toy_world import (MANIFEST_NAME, PRESETS, SPLITS, TOY_WORLD_NAME, SplitSpec, expected_counts,
-                       make_toy_world, read_manifest)
+from places.toy_world import (
+    MANIFEST_NAME,
+    PRESETS,
+    SPLITS,
+    TOY_WORLD_NAME,
+    SplitSpec,
+    expected_counts,
+    make_toy_world,
+    read_manifest,
+)
 
 SMALL = PRESETS["small"]
 # One short route per split and no look-alikes: enough to test rebuilding, and several times faster than SMALL.
-TINY = dataclasses.replace(SMALL, **{
-    split: dataclasses.replace(getattr(SMALL, split), num_routes=1, route_length_m=54.0, queries_per_route=2,
-                               num_lookalikes=0)
-    for split in SPLITS})
+TINY = dataclasses.replace(
+    SMALL,
+    **{
+        split: dataclasses.replace(
+            getattr(SMALL, split), num_routes=1, route_length_m=54.0, queries_per_route=2, num_lookalikes=0
+        )
+        for split in SPLITS
+    },
+)
 FOLDERS = ("database", "queries")
 
 
@@ -51,14 +65,20 @@ def utms(paths: list[Path]) -> np.ndarray:
 
 def file_bytes(world_folder: Path) -> dict[str, bytes]:
     """Every file under `world_folder`, keyed by its path relative to the folder."""
-    return {str(path.relative_to(world_folder)): path.read_bytes()
-            for path in sorted(world_folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(world_folder)): path.read_bytes()
+        for path in sorted(world_folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def modification_times(world_folder: Path) -> dict[str, int]:
     """Modification time (ns) of every file under `world_folder`."""
-    return {str(path.relative_to(world_folder)): path.stat().st_mtime_ns
-            for path in world_folder.rglob("*") if path.is_file()}
+    return {
+        str(path.relative_to(world_folder)): path.stat().st_mtime_ns
+        for path in world_folder.rglob("*")
+        if path.is_file()
+    }
 
 
 def thumbnail(path: Path | str) -> np.ndarray:
@@ -111,10 +131,12 @@ def test_every_query_has_a_database_image_within_25_m_and_most_within_10_m(small
 
 
 def test_splits_are_more_than_1_km_apart(small_world: Path) -> None:
-    split_utms = {split: utms(image_paths(small_world, split, "database") + image_paths(small_world, split, "queries"))
-                  for split in SPLITS}
+    split_utms = {
+        split: utms(image_paths(small_world, split, "database") + image_paths(small_world, split, "queries"))
+        for split in SPLITS
+    }
     for index, split_a in enumerate(SPLITS):
-        for split_b in SPLITS[index + 1:]:
+        for split_b in SPLITS[index + 1 :]:
             gaps_m = np.linalg.norm(split_utms[split_a][:, None] - split_utms[split_b][None], axis=2)
             assert gaps_m.min() > 1000.0, f"{split_a} and {split_b} are {gaps_m.min():.0f} m apart"
 

@@ -1,4 +1,5 @@
 """Training: the hard-negative file, negative sampling, exact resume, early stopping, and that the loss falls."""
+
 import json
 
 import numpy as np
@@ -7,9 +8,17 @@ import torch
 
 import pre_compute_mining
 import train_reranking
-from datasets_ws import PlaceIndex, load_split
-from mining import (MiningFileError, TupleMiner, dataset_fingerprints, hard_negatives_from_descriptors,
-                    load_hard_negatives, save_hard_negatives)
+import training
+from datasets_ws import load_split
+from mining import (
+    MiningFileError,
+    TupleMiner,
+    dataset_fingerprints,
+    hard_negatives_from_descriptors,
+    load_hard_negatives,
+    save_hard_negatives,
+)
+from places.index import PlaceIndex
 
 FAST = ["--num_workers", "0", "--infer_batch_size", "32", "--recall_values", "1", "5"]
 
@@ -19,27 +28,34 @@ def _toy_index(num_database=30, num_queries=12, seed=0, prefix="q") -> PlaceInde
     rng = np.random.default_rng(seed)
     database_utms = np.stack([np.arange(num_database) * 5.0, np.zeros(num_database)], axis=1)
     queries_utms = database_utms[rng.choice(num_database, num_queries)] + [[1.0, 0.0]]
-    from datasets_ws import positives_within_radius
-    return PlaceIndex(name="synthetic/train", root=".", database_paths=[f"d{i}.jpg" for i in range(num_database)],
-                      queries_paths=[f"{prefix}{i}.jpg" for i in range(num_queries)], database_utms=database_utms,
-                      queries_utms=queries_utms,
-                      soft_positives_per_query=positives_within_radius(database_utms, queries_utms, 25.0),
-                      hard_positives_per_query=positives_within_radius(database_utms, queries_utms, 10.0))
+    from places.index import positives_within_radius
+
+    return PlaceIndex(
+        name="synthetic/train",
+        root=".",
+        database_paths=[f"d{i}.jpg" for i in range(num_database)],
+        queries_paths=[f"{prefix}{i}.jpg" for i in range(num_queries)],
+        database_utms=database_utms,
+        queries_utms=queries_utms,
+        soft_positives_per_query=positives_within_radius(database_utms, queries_utms, 25.0),
+        hard_positives_per_query=positives_within_radius(database_utms, queries_utms, 10.0),
+    )
 
 
 def test_hard_negatives_exclude_soft_positives_and_pad_with_minus_one():
     index = _toy_index()
     rng = np.random.default_rng(1)
     descriptors = rng.standard_normal((len(index), 8)).astype(np.float32)
-    negatives = hard_negatives_from_descriptors(descriptors[:30], descriptors[30:], index.soft_positives_per_query,
-                                                num_negatives=28, chunk_size=5)
+    negatives = hard_negatives_from_descriptors(
+        descriptors[:30], descriptors[30:], index.soft_positives_per_query, num_negatives=28, chunk_size=5
+    )
     assert negatives.shape == (12, 28)
     for query, row in enumerate(negatives):
         valid = row[row >= 0]
         assert not np.isin(valid, index.soft_positives_per_query[query]).any()
-        assert len(valid) == 30 - len(index.soft_positives_per_query[query])        # the rest is -1 padding
+        assert len(valid) == 30 - len(index.soft_positives_per_query[query])  # the rest is -1 padding
         distances = ((descriptors[valid] - descriptors[30 + query]) ** 2).sum(1)
-        assert np.all(np.diff(distances) >= -1e-5)                                  # in similarity order
+        assert np.all(np.diff(distances) >= -1e-5)  # in similarity order
 
 
 def test_hard_negative_file_round_trip_and_staleness(tmp_path):
@@ -51,7 +67,7 @@ def test_hard_negative_file_round_trip_and_staleness(tmp_path):
     assert np.array_equal(loaded, negatives) and metadata["dataset"] == "synthetic/train"
     assert metadata["format"] == "prgs-hard-negatives" and "created" in metadata
 
-    other = _toy_index(prefix="other")   # other query images: the file is stale for it
+    other = _toy_index(prefix="other")  # other query images: the file is stale for it
     with pytest.raises(MiningFileError, match=r"mined for another dataset.*Rebuild it with: python pre_compute"):
         load_hard_negatives(path, other, 10, "python pre_compute_mining.py")
     with pytest.raises(MiningFileError, match="--neg_hardness asks for 50"):
@@ -72,10 +88,16 @@ def test_negatives_are_never_minus_one_nor_soft_positives(mode):
     for query in range(12):
         listed = np.concatenate([index.soft_positives_per_query[query], rng.permutation(30)])[:6]
         hard[query, :6] = listed
-    miner = TupleMiner(index, mode, negs_num_per_query=5, neg_hardness=12, neg_samples_num=10,
-                       hard_negatives=hard if mode == "global" else None)
+    miner = TupleMiner(
+        index,
+        mode,
+        negs_num_per_query=5,
+        neg_hardness=12,
+        neg_samples_num=10,
+        hard_negatives=hard if mode == "global" else None,
+    )
     descriptors = rng.standard_normal((len(index), 4)).astype(np.float32)
-    for draw in range(200):
+    for _ in range(200):
         queries = rng.choice(12, 6, replace=False)
         tuples = miner.mine(queries, rng, lambda ids: descriptors[ids], global_model_frozen=True)
         for query, positive, negatives in zip(tuples.queries, tuples.positives, tuples.negatives):
@@ -86,62 +108,140 @@ def test_negatives_are_never_minus_one_nor_soft_positives(mode):
 
 
 def _train(datasets, output, *extra):
-    return train_reranking.main(["--datasets_folder", str(datasets), "--output_folder", str(output), "--seed", "3",
-                                 "--queries_per_epoch", "16", "--cache_refresh_rate", "8", "--train_batch_size", "4",
-                                 "--negs_num_per_query", "3", "--neg_samples_num", "20", "--lr", "1e-3",
-                                 *FAST, *extra])
+    return train_reranking.main(
+        [
+            "--datasets_folder",
+            str(datasets),
+            "--output_folder",
+            str(output),
+            "--seed",
+            "3",
+            "--queries_per_epoch",
+            "16",
+            "--cache_refresh_rate",
+            "8",
+            "--train_batch_size",
+            "4",
+            "--negs_num_per_query",
+            "3",
+            "--neg_samples_num",
+            "20",
+            "--lr",
+            "1e-3",
+            *FAST,
+            *extra,
+        ]
+    )
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(small_toy_world, tmp_path):
-    stage = ["--train_stage", "full", "--epochs_num", "2", "--patience", "5", "--mining", "partial",
-             "--backbone_weights", "none"]
+    stage = [
+        "--train_stage",
+        "full",
+        "--epochs_num",
+        "2",
+        "--patience",
+        "5",
+        "--mining",
+        "partial",
+        "--backbone_weights",
+        "none",
+    ]
     _train(small_toy_world, tmp_path / "straight", *stage)
     _train(small_toy_world, tmp_path / "interrupted", *stage, "--max_steps", "3")
     first = torch.load(tmp_path / "interrupted" / "last.pth", weights_only=True)
     assert first["training_state"]["state"]["global_step"] == 3
-    assert first["training_state"]["state"]["tuples"] is not None          # stopped inside a mining round
-    results = _train(small_toy_world, tmp_path / "resumed", *stage, "--resume", str(tmp_path / "interrupted" / "last.pth"))
+    assert first["training_state"]["state"]["tuples"] is not None  # stopped inside a mining round
+    results = _train(
+        small_toy_world, tmp_path / "resumed", *stage, "--resume", str(tmp_path / "interrupted" / "last.pth")
+    )
     straight = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
     assert resumed["training_state"]["state"]["global_step"] == straight["training_state"]["state"]["global_step"] == 8
     for key, value in straight["model_state_dict"].items():
         assert torch.equal(resumed["model_state_dict"][key], value), key
-    assert [h["loss"] for h in results["history"]] == [h["loss"] for h in straight["training_state"]["state"]["history"]]
+    straight_history = straight["training_state"]["state"]["history"]
+    assert [h["loss"] for h in results["history"]] == [h["loss"] for h in straight_history]
 
 
 def test_early_stopping_after_patience_epochs(small_toy_world, tmp_path, monkeypatch):
-    from test import Evaluation
+    from evaluation import Evaluation
+
     calls = []
 
     def constant_evaluation(model, index, settings, work_folder, with_rerank=True):
         calls.append(index.name)
         predictions = np.zeros((index.queries_num, 1), dtype=np.int64)
         recalls = {n: 50.0 for n in settings.recall_values}
-        return Evaluation(predictions, predictions.astype(np.float32), predictions,
-                          np.zeros((index.queries_num, 1), np.float32), 1, recalls, recalls, {}, 0)
+        return Evaluation(
+            predictions,
+            predictions.astype(np.float32),
+            predictions,
+            np.zeros((index.queries_num, 1), np.float32),
+            1,
+            recalls,
+            recalls,
+            {},
+            0,
+        )
 
-    monkeypatch.setattr(train_reranking, "evaluate", constant_evaluation)
-    results = _train(small_toy_world, tmp_path / "run", "--train_stage", "reranker", "--epochs_num", "10",
-                     "--patience", "2", "--cache_frozen_backbone", "--backbone_weights", "none")
+    monkeypatch.setattr(training, "evaluate", constant_evaluation)
+    results = _train(
+        small_toy_world,
+        tmp_path / "run",
+        "--train_stage",
+        "reranker",
+        "--epochs_num",
+        "10",
+        "--patience",
+        "2",
+        "--cache_frozen_backbone",
+        "--backbone_weights",
+        "none",
+    )
     assert results["stopped"] == "early_stopping"
-    assert results["epochs_trained"] == 3            # epoch 0 improves on nothing, then 2 epochs without improvement
+    assert results["epochs_trained"] == 3  # epoch 0 improves on nothing, then 2 epochs without improvement
     assert results["best"]["epoch"] == 0
     assert calls.count("toy_world/val") == 3
 
 
 def test_loss_falls_within_a_few_dozen_steps(small_toy_world, tmp_path):
     """The global fit of the toy-world demo (its first step): the triplet loss falls within 32 steps."""
-    results = _train(small_toy_world, tmp_path / "run", "--train_stage", "global", "--epochs_num", "8",
-                     "--patience", "8", "--backbone_weights", "none", "--queries_per_epoch", "16",
-                     "--cache_refresh_rate", "16", "--mining", "random")
+    results = _train(
+        small_toy_world,
+        tmp_path / "run",
+        "--train_stage",
+        "global",
+        "--epochs_num",
+        "8",
+        "--patience",
+        "8",
+        "--backbone_weights",
+        "none",
+        "--queries_per_epoch",
+        "16",
+        "--cache_refresh_rate",
+        "16",
+        "--mining",
+        "random",
+    )
     losses = [h["loss"] for h in results["history"]]
     assert results["global_step"] == 32
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:2]), losses
 
 
 def test_training_outputs_and_reference_resume_message(small_toy_world, tmp_path, caplog):
-    _train(small_toy_world, tmp_path / "run", "--train_stage", "global", "--epochs_num", "1",
-           "--backbone_weights", "none", "--test_before_training")
+    _train(
+        small_toy_world,
+        tmp_path / "run",
+        "--train_stage",
+        "global",
+        "--epochs_num",
+        "1",
+        "--backbone_weights",
+        "none",
+        "--test_before_training",
+    )
     folder = tmp_path / "run"
     for name in ("info.log", "debug.log", "last.pth", "best.pth", "training_curves.png", "results.json"):
         assert (folder / name).is_file(), name
@@ -150,29 +250,67 @@ def test_training_outputs_and_reference_resume_message(small_toy_world, tmp_path
     best = torch.load(folder / "best.pth", weights_only=True)
     assert "training_state" not in best and best["model_config"]["backbone"] == "deit_micro"
     # weights-only resume of a checkpoint from another stage
-    _train(small_toy_world, tmp_path / "next", "--train_stage", "reranker", "--epochs_num", "1",
-           "--resume", str(folder / "last.pth"), "--cache_frozen_backbone")
+    _train(
+        small_toy_world,
+        tmp_path / "next",
+        "--train_stage",
+        "reranker",
+        "--epochs_num",
+        "1",
+        "--resume",
+        str(folder / "last.pth"),
+        "--cache_frozen_backbone",
+    )
     assert "initialises the weights only" in caplog.text
 
 
 def test_pre_compute_mining_writes_a_file_training_accepts(small_toy_world, tmp_path):
     output = tmp_path / "hn.npz"
-    pre_compute_mining.main(["--datasets_folder", str(small_toy_world), "--output", str(output),
-                             "--output_folder", str(tmp_path / "mining"), "--num_hard_negatives", "20",
-                             "--num_workers", "0", "--backbone_weights", "none"])
+    pre_compute_mining.main(
+        [
+            "--datasets_folder",
+            str(small_toy_world),
+            "--output",
+            str(output),
+            "--output_folder",
+            str(tmp_path / "mining"),
+            "--num_hard_negatives",
+            "20",
+            "--num_workers",
+            "0",
+            "--backbone_weights",
+            "none",
+        ]
+    )
     index = load_split(small_toy_world, "toy_world", "train")
     negatives, metadata = load_hard_negatives(output, index, 20, "hint")
     assert negatives.shape == (index.queries_num, 20)
     assert metadata["num_hard_negatives"] == 20 and metadata["queries_num"] == index.queries_num
-    _train(small_toy_world, tmp_path / "run", "--train_stage", "reranker", "--epochs_num", "1", "--mining", "global",
-           "--hard_negatives", str(output), "--neg_hardness", "10", "--cache_frozen_backbone",
-           "--backbone_weights", "none")
+    _train(
+        small_toy_world,
+        tmp_path / "run",
+        "--train_stage",
+        "reranker",
+        "--epochs_num",
+        "1",
+        "--mining",
+        "global",
+        "--hard_negatives",
+        str(output),
+        "--neg_hardness",
+        "10",
+        "--cache_frozen_backbone",
+        "--backbone_weights",
+        "none",
+    )
 
 
 def test_training_flag_validation(capsys):
-    for flags, message in ((["--queries_per_epoch", "10", "--cache_refresh_rate", "4"], "must be a multiple"),
-                           (["--mining", "global"], "needs --hard_negatives"),
-                           (["--train_stage", "full", "--cache_frozen_backbone"], "needs --train_stage reranker")):
+    for flags, message in (
+        (["--queries_per_epoch", "10", "--cache_refresh_rate", "4"], "must be a multiple"),
+        (["--mining", "global"], "needs --hard_negatives"),
+        (["--train_stage", "full", "--cache_frozen_backbone"], "needs --train_stage reranker"),
+    ):
         with pytest.raises(SystemExit):
             train_reranking.main(flags)
         assert message in capsys.readouterr().err

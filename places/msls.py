@@ -8,9 +8,10 @@ image within 25 m of the same city (the official ~740-query protocol); train = t
 dropped, no subtask filter, hard positives within 10 m (queries without one dropped) and soft positives within
 25 m; test = the 6 challenge cities, subtask "all", no ground truth.
 
-Built indexes are cached as one .npz per split under <datasets_folder>/msls/prgs_index/, keyed by a fingerprint of
-the CSV contents and the settings. Also here: the official recall@k / mAP@k and the challenge submission writer.
+Built indexes are cached (docs/msls_cache.md). Also here: the official mAP@k and the challenge submission writer
+(docs/outputs.md).
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,23 +28,51 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets_ws import (DatasetError, PlaceIndex, drop_queries_without_positives, positives_within_radius,
-                         without_images)
+from places.index import (
+    DatasetError,
+    PlaceIndex,
+    drop_queries_without_positives,
+    positives_within_radius,
+    without_images,
+)
 from util import atomic_write
 
 logger = logging.getLogger(__name__)
 
 MSLS_CITIES: dict[str, tuple[str, ...]] = {
-    "train": ("trondheim", "london", "boston", "melbourne", "amsterdam", "helsinki", "tokyo", "toronto",
-              "saopaulo", "moscow", "zurich", "paris", "bangkok", "budapest", "austin", "berlin", "ottawa",
-              "phoenix", "goa", "amman", "nairobi", "manila"),
+    "train": (
+        "trondheim",
+        "london",
+        "boston",
+        "melbourne",
+        "amsterdam",
+        "helsinki",
+        "tokyo",
+        "toronto",
+        "saopaulo",
+        "moscow",
+        "zurich",
+        "paris",
+        "bangkok",
+        "budapest",
+        "austin",
+        "berlin",
+        "ottawa",
+        "phoenix",
+        "goa",
+        "amman",
+        "nairobi",
+        "manila",
+    ),
     "val": ("cph", "sf"),
     "test": ("miami", "athens", "buenosaires", "stockholm", "bengaluru", "kampala"),
 }
 MSLS_SUBTASKS = ("all", "s2w", "w2s", "o2n", "n2o", "d2n", "n2d")
 MSLS_SIDES = ("query", "database")
-MSLS_LAYOUT = ("<datasets_folder>/msls/{train_val,test}/<city>/{query,database}/ holding images/<key>.jpg, "
-               "seq_info.csv, subtask_index.csv, and for train_val also postprocessed.csv and raw.csv")
+MSLS_LAYOUT = (
+    "<datasets_folder>/msls/{train_val,test}/<city>/{query,database}/ holding images/<key>.jpg, "
+    "seq_info.csv, subtask_index.csv, and for train_val also postprocessed.csv and raw.csv"
+)
 CACHE_FORMAT_VERSION = 1
 CACHE_FOLDER_NAME = "prgs_index"
 
@@ -57,15 +86,23 @@ def msls_city_subdir(city: str) -> str:
 # Building a split
 # ----------------------------------------------------------------------------------------------------------------
 
-def build_msls_split(datasets_folder: str | Path, split: str, *, positive_dist_threshold: float = 25.0,
-                     train_positive_dist_threshold: float = 10.0, cities: Sequence[str] | None = None,
-                     subtask: str = "all", exclude: Collection[str] | Mapping[str, str] = (),
-                     cache_dir: str | Path | None = None) -> PlaceIndex:
+
+def build_msls_split(
+    datasets_folder: str | Path,
+    split: str,
+    *,
+    positive_dist_threshold: float = 25.0,
+    train_positive_dist_threshold: float = 10.0,
+    cities: Sequence[str] | None = None,
+    subtask: str = "all",
+    exclude: Collection[str] | Mapping[str, str] = (),
+    cache_dir: str | Path | None = None,
+) -> PlaceIndex:
     """PlaceIndex of MSLS split "train", "val" or "test", loaded from the cache when the CSVs are unchanged.
 
     cities: default all cities of the split (every one must be present); give a subset explicitly otherwise.
     subtask: the subtask_index.csv column kept for val and test ("all" is the official protocol).
-    exclude: images to leave out (see datasets_ws.without_images); val/train queries left without a positive are
+    exclude: images to leave out (see places.index.without_images); val/train queries left without a positive are
     dropped. cache_dir: default <datasets_folder>/msls/prgs_index, or a user cache folder if that is not writable.
     Image paths are relative to <datasets_folder>/msls, so the dataset (with its cache) can be moved.
     """
@@ -76,9 +113,14 @@ def build_msls_split(datasets_folder: str | Path, split: str, *, positive_dist_t
     if split == "train" and subtask != "all":
         raise DatasetError(f"MSLS train applies no subtask filter; got subtask '{subtask}', expected 'all'")
     csv_contents = {path: path.read_bytes() for path in _csv_paths(msls_root, split, cities)}
-    settings = dict(format_version=CACHE_FORMAT_VERSION, split=split, cities=list(cities), subtask=subtask,
-                    positive_dist_threshold=float(positive_dist_threshold),
-                    train_positive_dist_threshold=float(train_positive_dist_threshold))
+    settings = dict(
+        format_version=CACHE_FORMAT_VERSION,
+        split=split,
+        cities=list(cities),
+        subtask=subtask,
+        positive_dist_threshold=float(positive_dist_threshold),
+        train_positive_dist_threshold=float(train_positive_dist_threshold),
+    )
     fingerprint = _fingerprint(msls_root, csv_contents, settings)
     name = _split_name(split, cities, subtask)
     cache_file_name = _cache_file_name(split, cities, subtask)
@@ -86,8 +128,16 @@ def build_msls_split(datasets_folder: str | Path, split: str, *, positive_dist_t
 
     index = _load_cached_index(cache_folders, cache_file_name, fingerprint, msls_root, name)
     if index is None:
-        index = _build_index(msls_root, split, cities, subtask, csv_contents, name,
-                             positive_dist_threshold, train_positive_dist_threshold)
+        index = _build_index(
+            msls_root,
+            split,
+            cities,
+            subtask,
+            csv_contents,
+            name,
+            positive_dist_threshold,
+            train_positive_dist_threshold,
+        )
         _save_cached_index(index, cities, fingerprint, cache_folders, cache_file_name)
     return without_images(index, exclude, {"val": "soft", "train": "hard", "test": None}[split])
 
@@ -113,9 +163,11 @@ def _checked_cities(msls_root: Path, split: str, cities: Sequence[str] | None) -
         city_folder = msls_root / msls_city_subdir(city) / city
         if not city_folder.is_dir():
             present = sorted(p.name for p in (msls_root / msls_city_subdir(city)).glob("*") if p.is_dir())
-            raise DatasetError(f"MSLS city '{city}' of split '{split}' not found: no folder {city_folder} (cities "
-                               f"present there: {present or 'none'}); download it, or pass the cities you have "
-                               f"with cities=")
+            raise DatasetError(
+                f"MSLS city '{city}' of split '{split}' not found: no folder {city_folder} (cities "
+                f"present there: {present or 'none'}); download it, or pass the cities you have "
+                f"with cities="
+            )
     return cities
 
 
@@ -150,26 +202,38 @@ def _split_name(split: str, cities: Sequence[str], subtask: str) -> str:
 @dataclass
 class SideImages:
     """The images kept on one side (query or database) of one city, in CSV order."""
+
     keys: list[str]
-    utms: np.ndarray | None             # (N, 2) easting, northing; None for test cities
-    night: np.ndarray | None            # (N,) bool, when postprocessed.csv has the column
-    sideways: np.ndarray | None         # (N,) bool: view_direction == 'Sideways'
+    utms: np.ndarray | None  # (N, 2) easting, northing; None for test cities
+    night: np.ndarray | None  # (N,) bool, when postprocessed.csv has the column
+    sideways: np.ndarray | None  # (N,) bool: view_direction == 'Sideways'
 
 
-def _build_index(msls_root: Path, split: str, cities: Sequence[str], subtask: str,
-                 csv_contents: Mapping[Path, bytes], name: str, positive_dist_threshold: float,
-                 train_positive_dist_threshold: float) -> PlaceIndex:
+def _build_index(
+    msls_root: Path,
+    split: str,
+    cities: Sequence[str],
+    subtask: str,
+    csv_contents: Mapping[Path, bytes],
+    name: str,
+    positive_dist_threshold: float,
+    train_positive_dist_threshold: float,
+) -> PlaceIndex:
     """PlaceIndex of the split from the CSV contents, with positives per city and the protocol's query filter."""
     logger.info("building the %s index from the CSV files under %s", name, msls_root)
-    sides = {side: [(city, _read_side(msls_root / msls_city_subdir(city) / city / side, csv_contents,
-                                      with_geo=split != "test", subtask=None if split == "train" else subtask))
-                    for city in cities]
-             for side in MSLS_SIDES}
+    sides = {side: _read_sides(msls_root, split, cities, subtask, csv_contents, side) for side in MSLS_SIDES}
     database_paths, database_keys, database_groups = _paths_keys_groups(sides["database"], "database")
     queries_paths, queries_keys, queries_groups = _paths_keys_groups(sides["query"], "query")
-    common = dict(name=name, root=msls_root, database_paths=database_paths, queries_paths=queries_paths,
-                  database_keys=database_keys, queries_keys=queries_keys, database_groups=database_groups,
-                  queries_groups=queries_groups)
+    common = dict(
+        name=name,
+        root=msls_root,
+        database_paths=database_paths,
+        queries_paths=queries_paths,
+        database_keys=database_keys,
+        queries_keys=queries_keys,
+        database_groups=database_groups,
+        queries_groups=queries_groups,
+    )
     if split == "test":
         return PlaceIndex(database_utms=None, queries_utms=None, soft_positives_per_query=None, **common)
 
@@ -180,21 +244,47 @@ def _build_index(msls_root: Path, split: str, cities: Sequence[str], subtask: st
         values = [getattr(images, attribute) for _, images in sides["query"]]
         if all(v is not None for v in values):
             queries_attributes[attribute] = np.concatenate(values)
-    soft_positives = positives_within_radius(database_utms, queries_utms, positive_dist_threshold,
-                                             database_groups, queries_groups)
+    soft_positives = positives_within_radius(
+        database_utms, queries_utms, positive_dist_threshold, database_groups, queries_groups
+    )
     hard_positives = None
     if split == "train":
-        hard_positives = positives_within_radius(database_utms, queries_utms, train_positive_dist_threshold,
-                                                 database_groups, queries_groups)
-    index = PlaceIndex(database_utms=database_utms, queries_utms=queries_utms,
-                       soft_positives_per_query=soft_positives, hard_positives_per_query=hard_positives,
-                       queries_attributes=queries_attributes, **common)
+        hard_positives = positives_within_radius(
+            database_utms, queries_utms, train_positive_dist_threshold, database_groups, queries_groups
+        )
+    index = PlaceIndex(
+        database_utms=database_utms,
+        queries_utms=queries_utms,
+        soft_positives_per_query=soft_positives,
+        hard_positives_per_query=hard_positives,
+        queries_attributes=queries_attributes,
+        **common,
+    )
     kind, radius = ("soft", positive_dist_threshold) if split == "val" else ("hard", train_positive_dist_threshold)
     return drop_queries_without_positives(index, kind, f"no database image of the same city within {radius:g} m")
 
 
-def _paths_keys_groups(city_images: Sequence[tuple[str, SideImages]], side: str
-                       ) -> tuple[list[str], list[str], list[str]]:
+def _read_sides(
+    msls_root: Path, split: str, cities: Sequence[str], subtask: str, csv_contents: Mapping[Path, bytes], side: str
+) -> list[tuple[str, SideImages]]:
+    """(city, the images kept on this side of it) for every city of the split."""
+    return [
+        (
+            city,
+            _read_side(
+                msls_root / msls_city_subdir(city) / city / side,
+                csv_contents,
+                with_geo=split != "test",
+                subtask=None if split == "train" else subtask,
+            ),
+        )
+        for city in cities
+    ]
+
+
+def _paths_keys_groups(
+    city_images: Sequence[tuple[str, SideImages]], side: str
+) -> tuple[list[str], list[str], list[str]]:
     """Image paths relative to the msls root, keys and cities of one side, cities in order."""
     paths, keys, groups = [], [], []
     for city, images in city_images:
@@ -210,8 +300,10 @@ def _paths_keys_groups(city_images: Sequence[tuple[str, SideImages]], side: str
 # Reading the CSV files
 # ----------------------------------------------------------------------------------------------------------------
 
-def _read_side(side_folder: Path, csv_contents: Mapping[Path, bytes], with_geo: bool,
-               subtask: str | None) -> SideImages:
+
+def _read_side(
+    side_folder: Path, csv_contents: Mapping[Path, bytes], with_geo: bool, subtask: str | None
+) -> SideImages:
     """The images of one city side kept by the filters: subtask column true (if subtask), not a panorama (if
     with_geo, which also reads the UTM). Keys and their order come from seq_info.csv, as in mapillary_sls."""
     seq_info_path = side_folder / "seq_info.csv"
@@ -231,13 +323,13 @@ def _read_side(side_folder: Path, csv_contents: Mapping[Path, bytes], with_geo: 
     raw = _aligned_to_keys(raw_path, _parse_csv(raw_path, csv_contents[raw_path], ["key", "pano"]), keys)
     keep &= ~_booleans(raw_path, raw, "pano")
     post_path = side_folder / "postprocessed.csv"
-    post = _aligned_to_keys(post_path, _parse_csv(post_path, csv_contents[post_path],
-                                                  ["key", "easting", "northing"]), keys)
+    post = _aligned_to_keys(
+        post_path, _parse_csv(post_path, csv_contents[post_path], ["key", "easting", "northing"]), keys
+    )
     utms = np.stack([_floats(post_path, post, "easting"), _floats(post_path, post, "northing")], axis=1)
     night = _booleans(post_path, post, "night")[keep] if "night" in post else None
     sideways = (np.array(post["view_direction"]) == "Sideways")[keep] if "view_direction" in post else None
-    return SideImages(keys=[k for k, kept in zip(keys, keep) if kept], utms=utms[keep], night=night,
-                      sideways=sideways)
+    return SideImages(keys=[k for k, kept in zip(keys, keep) if kept], utms=utms[keep], night=night, sideways=sideways)
 
 
 def _parse_csv(path: Path, content: bytes, required_columns: Sequence[str]) -> dict[str, list[str]]:
@@ -252,12 +344,14 @@ def _parse_csv(path: Path, content: bytes, required_columns: Sequence[str]) -> d
     header, body = rows[0], [row for row in rows[1:] if row]
     missing = [c for c in required_columns if c not in header]
     if missing:
-        raise DatasetError(f"{path} has no column {missing}: found columns {header}, expected at least "
-                           f"{list(required_columns)}")
+        raise DatasetError(
+            f"{path} has no column {missing}: found columns {header}, expected at least {list(required_columns)}"
+        )
     for line_number, row in enumerate(body, start=2):
         if len(row) != len(header):
-            raise DatasetError(f"{path} line {line_number}: {len(row)} fields, expected {len(header)} as in the "
-                               f"header {header}")
+            raise DatasetError(
+                f"{path} line {line_number}: {len(row)} fields, expected {len(header)} as in the header {header}"
+            )
     return {column: [row[i] for row in body] for i, column in enumerate(header)}
 
 
@@ -286,8 +380,9 @@ def _booleans(path: Path, table: dict[str, list[str]], column: str) -> np.ndarra
     for row, value in enumerate(table[column]):
         parsed = _TRUE_VALUES.get(value.strip().lower())
         if parsed is None:
-            raise DatasetError(f"{path} data row {row + 1}, column '{column}': '{value}' is not a boolean, expected "
-                               f"'True' or 'False'")
+            raise DatasetError(
+                f"{path} data row {row + 1}, column '{column}': '{value}' is not a boolean, expected 'True' or 'False'"
+            )
         values.append(parsed)
     return np.array(values, dtype=bool)
 
@@ -300,14 +395,16 @@ def _floats(path: Path, table: dict[str, list[str]], column: str) -> np.ndarray:
         raise DatasetError(f"{path}, column '{column}': {error}; expected numbers (UTM metres)") from None
     if not np.isfinite(values).all():
         row = int(np.flatnonzero(~np.isfinite(values))[0])
-        raise DatasetError(f"{path} data row {row + 1}, column '{column}': '{table[column][row]}' is not a finite "
-                           f"number")
+        raise DatasetError(
+            f"{path} data row {row + 1}, column '{column}': '{table[column][row]}' is not a finite number"
+        )
     return values
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Cache
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _fingerprint(msls_root: Path, csv_contents: Mapping[Path, bytes], settings: Mapping) -> str:
     """sha1 of the settings and of every CSV's relative path and content."""
@@ -340,8 +437,9 @@ def _cache_folders(msls_root: Path, cache_dir: str | Path | None) -> list[Path]:
     return [primary] if primary == fallback else [primary, fallback]
 
 
-def _load_cached_index(cache_folders: Sequence[Path], file_name: str, fingerprint: str, msls_root: Path,
-                       name: str) -> PlaceIndex | None:
+def _load_cached_index(
+    cache_folders: Sequence[Path], file_name: str, fingerprint: str, msls_root: Path, name: str
+) -> PlaceIndex | None:
     """The cached index with this fingerprint from the first folder that has it, or None (logging why)."""
     for folder in cache_folders:
         path = folder / file_name
@@ -350,8 +448,10 @@ def _load_cached_index(cache_folders: Sequence[Path], file_name: str, fingerprin
         try:
             with np.load(path, allow_pickle=False) as arrays:
                 if int(arrays["format_version"]) != CACHE_FORMAT_VERSION or str(arrays["fingerprint"]) != fingerprint:
-                    logger.info("MSLS cache %s is stale (the CSV files, the settings or the cache format changed); "
-                                "rebuilding", path)
+                    logger.info(
+                        "MSLS cache %s is stale (the CSV files, the settings or the cache format changed); rebuilding",
+                        path,
+                    )
                     continue
                 index = _decode_index(arrays, msls_root, name)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as error:
@@ -362,8 +462,9 @@ def _load_cached_index(cache_folders: Sequence[Path], file_name: str, fingerprin
     return None
 
 
-def _save_cached_index(index: PlaceIndex, cities: Sequence[str], fingerprint: str, cache_folders: Sequence[Path],
-                       file_name: str) -> None:
+def _save_cached_index(
+    index: PlaceIndex, cities: Sequence[str], fingerprint: str, cache_folders: Sequence[Path], file_name: str
+) -> None:
     """Write the index atomically (temporary file + os.replace) to the first writable cache folder."""
     arrays = _encode_index(index, cities, fingerprint)
     for attempt, folder in enumerate(cache_folders):
@@ -371,9 +472,14 @@ def _save_cached_index(index: PlaceIndex, cities: Sequence[str], fingerprint: st
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write(folder / file_name, lambda f: np.savez(f, **arrays))
         except OSError as error:
-            logger.warning("cannot write the MSLS cache to %s (%s)%s", folder, error,
-                           "; trying the next cache folder" if attempt + 1 < len(cache_folders) else
-                           "; continuing without a cache")
+            logger.warning(
+                "cannot write the MSLS cache to %s (%s)%s",
+                folder,
+                error,
+                "; trying the next cache folder"
+                if attempt + 1 < len(cache_folders)
+                else "; continuing without a cache",
+            )
             continue
         logger.info("saved the %s index to the cache %s", index.name, folder / file_name)
         return
@@ -386,11 +492,14 @@ def _encode_index(index: PlaceIndex, cities: Sequence[str], fingerprint: str) ->
         "format_version": np.array(CACHE_FORMAT_VERSION),
         "fingerprint": np.array(fingerprint),
         "cities": np.array(list(cities)),
-        "summary": np.array(json.dumps({"name": index.name, "database": index.database_num,
-                                        "queries": index.queries_num})),
+        "summary": np.array(
+            json.dumps({"name": index.name, "database": index.database_num, "queries": index.queries_num})
+        ),
     }
-    for side, keys, groups, utms in (("database", index.database_keys, index.database_groups, index.database_utms),
-                                     ("queries", index.queries_keys, index.queries_groups, index.queries_utms)):
+    for side, keys, groups, utms in (
+        ("database", index.database_keys, index.database_groups, index.database_utms),
+        ("queries", index.queries_keys, index.queries_groups, index.queries_utms),
+    ):
         arrays[f"{side}_keys"] = np.array([k.encode() for k in keys], dtype=np.bytes_).reshape(-1)
         arrays[f"{side}_city"] = np.array([city_code[g] for g in groups], dtype=np.int16)
         if utms is not None:
@@ -399,8 +508,9 @@ def _encode_index(index: PlaceIndex, cities: Sequence[str], fingerprint: str) ->
         positives = getattr(index, f"{kind}_positives_per_query")
         if positives is not None:
             lengths = np.array([len(p) for p in positives], dtype=np.int64)
-            arrays[f"{kind}_positives_flat"] = (np.concatenate(positives) if positives else
-                                                np.empty(0)).astype(np.int32)
+            arrays[f"{kind}_positives_flat"] = (np.concatenate(positives) if positives else np.empty(0)).astype(
+                np.int32
+            )
             arrays[f"{kind}_positives_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     for attribute, values in index.queries_attributes.items():
         arrays[f"queries_attribute_{attribute}"] = values
@@ -422,40 +532,31 @@ def _decode_index(arrays: Mapping[str, np.ndarray], msls_root: Path, name: str) 
             return None
         flat = arrays[f"{kind}_positives_flat"].astype(np.int64)
         offsets = arrays[f"{kind}_positives_offsets"]
-        return [flat[offsets[q]:offsets[q + 1]] for q in range(len(offsets) - 1)]
+        return [flat[offsets[q] : offsets[q + 1]] for q in range(len(offsets) - 1)]
 
     database_paths, database_keys, database_groups = side("database", "database")
     queries_paths, queries_keys, queries_groups = side("queries", "query")
     attribute_prefix = "queries_attribute_"
     return PlaceIndex(
-        name=name, root=msls_root, database_paths=database_paths, queries_paths=queries_paths,
-        database_utms=arrays["database_utms"] if "database_utms" in arrays else None,
-        queries_utms=arrays["queries_utms"] if "queries_utms" in arrays else None,
-        soft_positives_per_query=positives("soft"), hard_positives_per_query=positives("hard"),
-        database_keys=database_keys, queries_keys=queries_keys, database_groups=database_groups,
+        name=name,
+        root=msls_root,
+        database_paths=database_paths,
+        queries_paths=queries_paths,
+        database_utms=arrays.get("database_utms"),
+        queries_utms=arrays.get("queries_utms"),
+        soft_positives_per_query=positives("soft"),
+        hard_positives_per_query=positives("hard"),
+        database_keys=database_keys,
+        queries_keys=queries_keys,
+        database_groups=database_groups,
         queries_groups=queries_groups,
-        queries_attributes={k[len(attribute_prefix):]: arrays[k] for k in arrays if k.startswith(attribute_prefix)},
+        queries_attributes={k[len(attribute_prefix) :]: arrays[k] for k in arrays if k.startswith(attribute_prefix)},
     )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Official metrics (mapillary_sls/utils/eval.py definitions) and the challenge submission file
 # ----------------------------------------------------------------------------------------------------------------
-
-def msls_recall_at_k(predictions: np.ndarray, positives: Sequence[np.ndarray],
-                     ks: Sequence[int] = (1, 5, 10, 20)) -> dict[int, float]:
-    """Recall@k in PERCENT (mapillary_sls returns fractions: divide by 100 to compare).
-
-    predictions: (Nq, K) database indices, best first (-1 never matches); positives: one array per query.
-    A query counts at k when any of its first k predictions is a positive; every query is in the denominator.
-    """
-    predictions = _checked_predictions(predictions, positives, ks)
-    first_hit = np.full(len(predictions), np.inf)
-    for q, (ranked, query_positives) in enumerate(zip(predictions, positives)):
-        hits = np.flatnonzero(np.isin(ranked, query_positives))
-        if len(hits):
-            first_hit[q] = hits[0]
-    return {int(k): float(np.mean(first_hit < k) * 100.0) for k in ks}
 
 
 def msls_average_precision_at_k(ranked: np.ndarray, positives: np.ndarray, k: int) -> float:
@@ -473,57 +574,79 @@ def msls_average_precision_at_k(ranked: np.ndarray, positives: np.ndarray, k: in
     return score / min(len(positive_set), k)
 
 
-def msls_map_at_k(predictions: np.ndarray, positives: Sequence[np.ndarray],
-                  ks: Sequence[int] = (1, 5, 10, 20)) -> dict[int, float]:
+def msls_map_at_k(
+    predictions: np.ndarray, positives: Sequence[np.ndarray], ks: Sequence[int] = (1, 5, 10, 20)
+) -> dict[int, float]:
     """mAP@k in PERCENT: the mean over queries of msls_average_precision_at_k (mapillary_sls returns fractions).
     Every query must have at least one positive (as in the official val protocol)."""
     predictions = _checked_predictions(predictions, positives, ks)
     without = [q for q, p in enumerate(positives) if len(p) == 0]
     if without:
-        raise ValueError(f"mAP@k needs at least one positive per query; queries {without[:5]} "
-                         f"({len(without)} in all) have none")
-    return {int(k): float(np.mean([msls_average_precision_at_k(ranked, query_positives, k)
-                                   for ranked, query_positives in zip(predictions, positives)]) * 100.0)
-            for k in ks}
+        raise ValueError(
+            f"mAP@k needs at least one positive per query; queries {without[:5]} ({len(without)} in all) have none"
+        )
+    return {
+        int(k): float(
+            np.mean(
+                [
+                    msls_average_precision_at_k(ranked, query_positives, k)
+                    for ranked, query_positives in zip(predictions, positives)
+                ]
+            )
+            * 100.0
+        )
+        for k in ks
+    }
 
 
 def _checked_predictions(predictions: np.ndarray, positives: Sequence[np.ndarray], ks: Sequence[int]) -> np.ndarray:
     """predictions as an (Nq, K) integer array, with one positives entry per query and every k in 1..K."""
     predictions = np.asarray(predictions)
     if predictions.ndim != 2 or not np.issubdtype(predictions.dtype, np.integer):
-        raise ValueError(f"predictions must be an (Nq, K) integer array, got shape {predictions.shape} "
-                         f"dtype {predictions.dtype}")
+        raise ValueError(
+            f"predictions must be an (Nq, K) integer array, got shape {predictions.shape} dtype {predictions.dtype}"
+        )
     if len(predictions) != len(positives):
         raise ValueError(f"predictions has {len(predictions)} rows but there are {len(positives)} positive lists")
     if len(predictions) == 0:
         raise ValueError("no queries to evaluate")
     bad_ks = [k for k in ks if not 1 <= int(k) <= predictions.shape[1]]
     if not ks or bad_ks:
-        raise ValueError(f"ks must be in 1..{predictions.shape[1]} (the number of predictions per query), "
-                         f"got {list(ks)}")
+        raise ValueError(
+            f"ks must be in 1..{predictions.shape[1]} (the number of predictions per query), got {list(ks)}"
+        )
     return predictions
 
 
-def write_msls_submission(path: str | Path, queries_keys: Sequence[str], database_keys: Sequence[str],
-                          predictions: np.ndarray) -> None:
+def write_msls_submission(
+    path: str | Path, queries_keys: Sequence[str], database_keys: Sequence[str], predictions: np.ndarray
+) -> None:
     """Write the challenge (Codalab) file atomically: one line per query, 'query_key pred_key_1 ... pred_key_K',
     space separated, no header. predictions: (Nq, K) database indices, best first, distinct within a row."""
     predictions = np.asarray(predictions)
-    if predictions.ndim != 2 or len(predictions) != len(queries_keys) or not np.issubdtype(predictions.dtype,
-                                                                                           np.integer):
-        raise ValueError(f"predictions must be an ({len(queries_keys)}, K) integer array (one row per query), got "
-                         f"shape {predictions.shape} dtype {predictions.dtype}")
+    if (
+        predictions.ndim != 2
+        or len(predictions) != len(queries_keys)
+        or not np.issubdtype(predictions.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"predictions must be an ({len(queries_keys)}, K) integer array (one row per query), got "
+            f"shape {predictions.shape} dtype {predictions.dtype}"
+        )
     lines = []
     for query_key, ranked in zip(queries_keys, predictions.tolist()):
         out_of_range = [i for i in ranked if not 0 <= i < len(database_keys)]
         if out_of_range:
-            raise ValueError(f"query {query_key}: predictions {out_of_range[:5]} are not database indices "
-                             f"0..{len(database_keys) - 1}")
+            raise ValueError(
+                f"query {query_key}: predictions {out_of_range[:5]} are not database indices "
+                f"0..{len(database_keys) - 1}"
+            )
         if len(set(ranked)) != len(ranked):
             raise ValueError(f"query {query_key}: the same database image is predicted more than once")
         lines.append(" ".join([query_key] + [database_keys[i] for i in ranked]) + "\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write("".join(lines).encode()))
-    logger.info("wrote the MSLS submission file %s (%d queries, %d predictions each)", path, len(lines),
-                predictions.shape[1])
+    logger.info(
+        "wrote the MSLS submission file %s (%d queries, %d predictions each)", path, len(lines), predictions.shape[1]
+    )

@@ -23,7 +23,7 @@ How the world is made:
   pairs of database images that show the same layout from the same relative position.
 
 Measured 2026-11-26 on the 2-core development machine (one process, Pillow 13, other jobs running), with
-`python toy_world.py --force`:
+`python3 -m places.toy_world --force`:
 
 * default: train 768 database + 720 queries, val 122 + 60, test 142 + 72 (1884 images at 144x192), 9.3 MB, 6 s
   (the training split is the largest: the reranker needs many places to learn matching that transfers);
@@ -31,8 +31,9 @@ Measured 2026-11-26 on the 2-core development machine (one process, Pillow 13, o
 
 Files are byte-identical for the same config on the same Pillow/libjpeg; another JPEG library may encode differently.
 
-Usage: `python toy_world.py --datasets_folder ./data --preset default`.
+Usage: `python3 -m places.toy_world --datasets_folder ./data --preset default`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,14 +79,30 @@ DATABASE_TIMESTAMP = "20240615T1200"
 GAUSSIAN_QUANTILES = np.array([NormalDist().inv_cdf((index + 0.5) / 256) for index in range(256)])
 
 WALL_PALETTE = (
-    (214, 196, 160), (176, 84, 64), (150, 150, 152), (206, 160, 78), (232, 228, 218),
-    (152, 180, 204), (128, 158, 112), (190, 120, 140), (120, 96, 80), (222, 206, 120),
+    (214, 196, 160),
+    (176, 84, 64),
+    (150, 150, 152),
+    (206, 160, 78),
+    (232, 228, 218),
+    (152, 180, 204),
+    (128, 158, 112),
+    (190, 120, 140),
+    (120, 96, 80),
+    (222, 206, 120),
 )
 ROOF_PALETTE = ((96, 48, 40), (64, 64, 70), (150, 72, 48), (40, 44, 52), (110, 110, 100))
 GLASS_PALETTE = ((46, 62, 84), (70, 92, 110), (36, 40, 48), (96, 120, 140), (58, 76, 70))
 SIGN_PALETTE = (
-    (220, 30, 40), (30, 90, 200), (250, 200, 20), (20, 150, 70), (240, 120, 20), (150, 40, 170),
-    (250, 250, 250), (20, 20, 20), (0, 170, 190), (240, 90, 160),
+    (220, 30, 40),
+    (30, 90, 200),
+    (250, 200, 20),
+    (20, 150, 70),
+    (240, 120, 20),
+    (150, 40, 170),
+    (250, 250, 250),
+    (20, 20, 20),
+    (0, 170, 190),
+    (240, 90, 160),
 )
 CROWN_PALETTE = ((54, 110, 48), (78, 128, 56), (40, 90, 52), (98, 140, 70))
 
@@ -150,13 +167,18 @@ def check_config(config: ToyWorldConfig) -> None:
     if config.database_spacing_m <= 0 or abs(blocks_per_spacing - round(blocks_per_spacing)) > 1e-9:
         raise ValueError(
             f"ToyWorldConfig.block_length_m ({config.block_length_m}) must be a positive multiple of "
-            f"database_spacing_m ({config.database_spacing_m}), so that look-alike database images align")
+            f"database_spacing_m ({config.database_spacing_m}), so that look-alike database images align"
+        )
     if not 0 <= config.max_lateral_offset_m < 0.5 * config.facade_distance_m:
-        raise ValueError(f"ToyWorldConfig.max_lateral_offset_m must be in [0, facade_distance_m / 2), "
-                         f"got {config.max_lateral_offset_m} with facade_distance_m {config.facade_distance_m}")
+        raise ValueError(
+            f"ToyWorldConfig.max_lateral_offset_m must be in [0, facade_distance_m / 2), "
+            f"got {config.max_lateral_offset_m} with facade_distance_m {config.facade_distance_m}"
+        )
     if min(config.query_lighting_weights) < 0 or sum(config.query_lighting_weights) <= 0:
-        raise ValueError(f"ToyWorldConfig.query_lighting_weights must be non-negative with a positive sum, "
-                         f"got {config.query_lighting_weights}")
+        raise ValueError(
+            f"ToyWorldConfig.query_lighting_weights must be non-negative with a positive sum, "
+            f"got {config.query_lighting_weights}"
+        )
     for split_index, split in enumerate(SPLITS):
         check_split_spec(config, split)
         choose_lookalike_runs(config, split_index)  # raises if they do not fit
@@ -167,17 +189,23 @@ def check_split_spec(config: ToyWorldConfig, split: str) -> None:
     """Raise ValueError if split `split` of `config` is too small, or its routes could come close to each other."""
     spec: SplitSpec = getattr(config, split)
     if not 1 <= spec.num_routes <= 99 or spec.route_length_m < config.view_width_m:
-        raise ValueError(f"ToyWorldConfig.{split} needs 1 <= num_routes <= 99 and route_length_m >= view_width_m "
-                         f"({config.view_width_m}), got {spec}")
+        raise ValueError(
+            f"ToyWorldConfig.{split} needs 1 <= num_routes <= 99 and route_length_m >= view_width_m "
+            f"({config.view_width_m}), got {spec}"
+        )
     if spec.queries_per_route < 0 or spec.num_lookalikes < 0:
         raise ValueError(f"ToyWorldConfig.{split} needs queries_per_route >= 0 and num_lookalikes >= 0, got {spec}")
     if spec.num_lookalikes > 0 and spec.num_routes < 2:
-        raise ValueError(f"ToyWorldConfig.{split}: look-alikes copy between routes, so num_lookalikes > 0 "
-                         f"needs num_routes >= 2, got {spec}")
+        raise ValueError(
+            f"ToyWorldConfig.{split}: look-alikes copy between routes, so num_lookalikes > 0 "
+            f"needs num_routes >= 2, got {spec}"
+        )
     route_gap_m = config.lane_spacing_m - 2 * max_route_drift_m(config, spec)
     if spec.num_routes > 1 and route_gap_m < 150.0:
-        raise ValueError(f"ToyWorldConfig.lane_spacing_m ({config.lane_spacing_m}) lets routes of {split} come "
-                         f"{route_gap_m:.0f} m close (expected >= 150 m); raise it or lower max_route_bend_deg")
+        raise ValueError(
+            f"ToyWorldConfig.lane_spacing_m ({config.lane_spacing_m}) lets routes of {split} come "
+            f"{route_gap_m:.0f} m close (expected >= 150 m); raise it or lower max_route_bend_deg"
+        )
 
 
 def max_route_drift_m(config: ToyWorldConfig, spec: SplitSpec) -> float:
@@ -190,24 +218,31 @@ def split_bounding_box(config: ToyWorldConfig, split: str) -> tuple[float, float
     spec: SplitSpec = getattr(config, split)
     drift_m = max_route_drift_m(config, spec) + config.max_lateral_offset_m
     north_extent_m = (spec.num_routes - 1) * config.lane_spacing_m
-    return (spec.origin_east_m - drift_m, spec.origin_north_m - drift_m,
-            spec.origin_east_m + spec.route_length_m + drift_m, spec.origin_north_m + north_extent_m + drift_m)
+    return (
+        spec.origin_east_m - drift_m,
+        spec.origin_north_m - drift_m,
+        spec.origin_east_m + spec.route_length_m + drift_m,
+        spec.origin_north_m + north_extent_m + drift_m,
+    )
 
 
 def check_splits_far_apart(config: ToyWorldConfig, min_gap_m: float = 1000.0) -> None:
     """Raise ValueError if the regions of two splits are less than `min_gap_m` apart."""
     for index, split_a in enumerate(SPLITS):
-        for split_b in SPLITS[index + 1:]:
+        for split_b in SPLITS[index + 1 :]:
             box_a, box_b = split_bounding_box(config, split_a), split_bounding_box(config, split_b)
             gap_east = max(box_b[0] - box_a[2], box_a[0] - box_b[2])
             gap_north = max(box_b[1] - box_a[3], box_a[1] - box_b[3])
             if max(gap_east, gap_north) < min_gap_m:
-                raise ValueError(f"ToyWorldConfig: the regions of {split_a} and {split_b} are less than "
-                                 f"{min_gap_m:.0f} m apart ({box_a} vs {box_b}); move their origins apart")
+                raise ValueError(
+                    f"ToyWorldConfig: the regions of {split_a} and {split_b} are less than "
+                    f"{min_gap_m:.0f} m apart ({box_a} vs {box_b}); move their origins apart"
+                )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Random streams and routes (polylines in UTM metres).
+
 
 def rng_for(config: ToyWorldConfig, *keys: int) -> np.random.Generator:
     """A random generator for one purpose, derived from the world seed and integer `keys`."""
@@ -255,6 +290,7 @@ def approximate_lat_lon(east_m: float, north_m: float, zone_number: int) -> tupl
 
 # ----------------------------------------------------------------------------------------------------------------
 # Facade layout: what look-alikes share.
+
 
 @dataclass(frozen=True)
 class BuildingLayout:
@@ -307,18 +343,28 @@ def draw_block_layout(rng: np.random.Generator, block_length_m: float) -> BlockL
         width_m = rng.uniform(6.0, 14.0)
         if block_length_m - (position_m + width_m) < 5.0:  # no sliver at the end of the block
             width_m = block_length_m - position_m
-        buildings.append(BuildingLayout(
-            start_m=position_m, width_m=width_m, height_m=rng.uniform(6.0, 16.0),
-            wall_rgb=jitter_colour(rng, pick(rng, WALL_PALETTE), 18),
-            roof_rgb=jitter_colour(rng, pick(rng, ROOF_PALETTE), 12), gabled=bool(rng.random() < 0.4)))
+        buildings.append(
+            BuildingLayout(
+                start_m=position_m,
+                width_m=width_m,
+                height_m=rng.uniform(6.0, 16.0),
+                wall_rgb=jitter_colour(rng, pick(rng, WALL_PALETTE), 18),
+                roof_rgb=jitter_colour(rng, pick(rng, ROOF_PALETTE), 12),
+                gabled=bool(rng.random() < 0.4),
+            )
+        )
         position_m += width_m
     trees = []
     for _ in range(int(rng.integers(0, 3))):
         crown_radius_m = rng.uniform(1.5, 3.0)
-        trees.append(TreeLayout(
-            centre_m=rng.uniform(crown_radius_m, block_length_m - crown_radius_m),
-            trunk_height_m=rng.uniform(1.8, 3.5), crown_radius_m=crown_radius_m,
-            crown_rgb=jitter_colour(rng, pick(rng, CROWN_PALETTE), 14)))
+        trees.append(
+            TreeLayout(
+                centre_m=rng.uniform(crown_radius_m, block_length_m - crown_radius_m),
+                trunk_height_m=rng.uniform(1.8, 3.5),
+                crown_radius_m=crown_radius_m,
+                crown_rgb=jitter_colour(rng, pick(rng, CROWN_PALETTE), 14),
+            )
+        )
     return BlockLayout(tuple(buildings), tuple(trees))
 
 
@@ -362,13 +408,18 @@ def choose_lookalike_runs(config: ToyWorldConfig, split_index: int) -> list[Look
     split = SPLITS[split_index]
     spec: SplitSpec = getattr(config, split)
     slots_per_route = int(spec.route_length_m // config.block_length_m) // config.lookalike_blocks
-    slots = [(route, margin_blocks(config) + slot * config.lookalike_blocks)
-             for route in range(spec.num_routes) for slot in range(slots_per_route)]
+    slots = [
+        (route, margin_blocks(config) + slot * config.lookalike_blocks)
+        for route in range(spec.num_routes)
+        for slot in range(slots_per_route)
+    ]
     order = rng_for(config, LOOKALIKE_STREAM, split_index).permutation(len(slots))
     free_slots = [slots[index] for index in order]
-    too_many = (f"ToyWorldConfig.{split}: cannot place {spec.num_lookalikes} look-alikes of {config.lookalike_blocks} "
-                f"blocks of {config.block_length_m} m on {spec.num_routes} routes of {spec.route_length_m} m "
-                f"({len(slots)} slots); lengthen the routes or lower num_lookalikes")
+    too_many = (
+        f"ToyWorldConfig.{split}: cannot place {spec.num_lookalikes} look-alikes of {config.lookalike_blocks} "
+        f"blocks of {config.block_length_m} m on {spec.num_routes} routes of {spec.route_length_m} m "
+        f"({len(slots)} slots); lengthen the routes or lower num_lookalikes"
+    )
     runs = []
     for _ in range(spec.num_lookalikes):
         if not free_slots:
@@ -382,8 +433,7 @@ def choose_lookalike_runs(config: ToyWorldConfig, split_index: int) -> list[Look
     return runs
 
 
-def copy_lookalike_layouts(config: ToyWorldConfig, runs: list[LookalikeRun],
-                           layouts: list[list[BlockLayout]]) -> None:
+def copy_lookalike_layouts(config: ToyWorldConfig, runs: list[LookalikeRun], layouts: list[list[BlockLayout]]) -> None:
     """Give each run's target blocks the layout of its source blocks, in place in `layouts[route][block]`."""
     for run in runs:
         for offset in range(config.lookalike_blocks):
@@ -392,6 +442,7 @@ def copy_lookalike_layouts(config: ToyWorldConfig, runs: list[LookalikeRun],
 
 # ----------------------------------------------------------------------------------------------------------------
 # Facade rendering: the layout plus details drawn from each block's own stream.
+
 
 @dataclass(frozen=True)
 class StripGeometry:
@@ -413,8 +464,10 @@ class StripGeometry:
     @property
     def size_px(self) -> tuple[int, int]:
         """(width, height) of the strip image."""
-        return (round(self.length_m * self.pixels_per_metre),
-                round((self.top_z_m - self.bottom_z_m) * self.pixels_per_metre))
+        return (
+            round(self.length_m * self.pixels_per_metre),
+            round((self.top_z_m - self.bottom_z_m) * self.pixels_per_metre),
+        )
 
 
 def strip_top_z_m(config: ToyWorldConfig) -> float:
@@ -427,8 +480,12 @@ def strip_top_z_m(config: ToyWorldConfig) -> float:
 def strip_geometry(config: ToyWorldConfig, spec: SplitSpec) -> StripGeometry:
     """Strip size that holds every view of a route of `spec`; it is symmetric about the camera centre height."""
     top_z_m = strip_top_z_m(config)
-    return StripGeometry(config.pixels_per_metre, top_z_m, 2 * config.camera_centre_height_m - top_z_m,
-                         num_blocks(config, spec) * config.block_length_m)
+    return StripGeometry(
+        config.pixels_per_metre,
+        top_z_m,
+        2 * config.camera_centre_height_m - top_z_m,
+        num_blocks(config, spec) * config.block_length_m,
+    )
 
 
 def draw_background(geometry: StripGeometry) -> Image.Image:
@@ -456,25 +513,38 @@ def draw_street_markings(draw: ImageDraw.ImageDraw, geometry: StripGeometry) -> 
         draw.rectangle([geometry.x_px(x_m), dash_y, geometry.x_px(x_m + 3.0), dash_y + 3], fill=(226, 226, 220))
 
 
-def draw_building_body(draw: ImageDraw.ImageDraw, geometry: StripGeometry, building: BuildingLayout,
-                       block_start_m: float) -> None:
+def draw_building_body(
+    draw: ImageDraw.ImageDraw, geometry: StripGeometry, building: BuildingLayout, block_start_m: float
+) -> None:
     """Wall and roof (gable or cornice) of one building."""
-    x0, x1 = (geometry.x_px(block_start_m + building.start_m),
-              geometry.x_px(block_start_m + building.start_m + building.width_m))
+    x0, x1 = (
+        geometry.x_px(block_start_m + building.start_m),
+        geometry.x_px(block_start_m + building.start_m + building.width_m),
+    )
     top_y = geometry.y_px(building.height_m)
     draw.rectangle([x0, top_y, x1, geometry.y_px(0.0)], fill=building.wall_rgb)
     if building.gabled:
         ridge_y = geometry.y_px(building.height_m + min(0.3 * building.width_m, 3.0))
         overhang_px = geometry.x_px(0.3)
-        draw.polygon([(x0 - overhang_px, top_y), (x1 + overhang_px, top_y), ((x0 + x1) / 2, ridge_y)],
-                     fill=building.roof_rgb)
+        draw.polygon(
+            [(x0 - overhang_px, top_y), (x1 + overhang_px, top_y), ((x0 + x1) / 2, ridge_y)], fill=building.roof_rgb
+        )
     else:
-        draw.rectangle([x0, geometry.y_px(building.height_m + 0.3), x1, geometry.y_px(building.height_m - 0.4)],
-                       fill=building.roof_rgb)
+        draw.rectangle(
+            [x0, geometry.y_px(building.height_m + 0.3), x1, geometry.y_px(building.height_m - 0.4)],
+            fill=building.roof_rgb,
+        )
 
 
-def draw_window(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, box: tuple[float, float, float, float],
-                style: int, glass_rgb: tuple, frame_rgb: tuple, lit: bool) -> None:
+def draw_window(
+    draw: ImageDraw.ImageDraw,
+    mask: ImageDraw.ImageDraw,
+    box: tuple[float, float, float, float],
+    style: int,
+    glass_rgb: tuple,
+    frame_rgb: tuple,
+    lit: bool,
+) -> None:
     """One window in pixel box (x0, y0, x1, y1): 0 plain, 1 cross bars, 2 shutters, 3 arched top."""
     x0, y0, x1, y1 = box
     if style == 3:
@@ -491,8 +561,7 @@ def draw_window(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, box: tuple
         draw.rectangle([x1 + 1, y0, x1 + shutter_px, y1], fill=frame_rgb)
 
 
-def draw_sign(draw: ImageDraw.ImageDraw, rng: np.random.Generator, centre: tuple[float, float],
-              size_px: float) -> None:
+def draw_sign(draw: ImageDraw.ImageDraw, rng: np.random.Generator, centre: tuple[float, float], size_px: float) -> None:
     """A small distinctive sign: a coloured disc, square, triangle or diamond with a contrasting glyph inside."""
     cx, cy = centre
     half = size_px / 2
@@ -517,8 +586,14 @@ def draw_sign(draw: ImageDraw.ImageDraw, rng: np.random.Generator, centre: tuple
         draw.rectangle([cx - inner / 3, cy - inner, cx + inner / 3, cy + inner], fill=glyph_colour)
 
 
-def draw_building_details(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, geometry: StripGeometry,
-                          building: BuildingLayout, block_start_m: float, rng: np.random.Generator) -> None:
+def draw_building_details(
+    draw: ImageDraw.ImageDraw,
+    mask: ImageDraw.ImageDraw,
+    geometry: StripGeometry,
+    building: BuildingLayout,
+    block_start_m: float,
+    rng: np.random.Generator,
+) -> None:
     """Window grid, door or shop front, and signs of one building, all drawn from `rng`."""
     floor_height_m = rng.uniform(3.0, 3.6)
     num_floors = max(1, int((building.height_m - 0.8) // floor_height_m))
@@ -535,8 +610,12 @@ def draw_building_details(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, 
         bottom_m = floor * floor_height_m + 0.5 * (floor_height_m - window_height_m)
         for column in range(num_columns):
             centre_m = left_m + (column + 0.5) * column_step_m
-            box = (geometry.x_px(centre_m - window_width_m / 2), geometry.y_px(bottom_m + window_height_m),
-                   geometry.x_px(centre_m + window_width_m / 2), geometry.y_px(bottom_m))
+            box = (
+                geometry.x_px(centre_m - window_width_m / 2),
+                geometry.y_px(bottom_m + window_height_m),
+                geometry.x_px(centre_m + window_width_m / 2),
+                geometry.y_px(bottom_m),
+            )
             draw_window(draw, mask, box, style, glass_rgb, frame_rgb, lit=bool(rng.random() < 0.35))
     draw_ground_floor(draw, mask, geometry, building, left_m, column_step_m, num_columns, rng)
     for _ in range(int(rng.integers(0, 3))):
@@ -546,9 +625,16 @@ def draw_building_details(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, 
         draw_sign(draw, rng, (geometry.x_px(centre_m), geometry.y_px(height_m)), size_m * geometry.pixels_per_metre)
 
 
-def draw_ground_floor(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, geometry: StripGeometry,
-                      building: BuildingLayout, left_m: float, column_step_m: float, num_columns: int,
-                      rng: np.random.Generator) -> None:
+def draw_ground_floor(
+    draw: ImageDraw.ImageDraw,
+    mask: ImageDraw.ImageDraw,
+    geometry: StripGeometry,
+    building: BuildingLayout,
+    left_m: float,
+    column_step_m: float,
+    num_columns: int,
+    rng: np.random.Generator,
+) -> None:
     """Either a shop front (glass and striped awning) or a door with plain windows beside it."""
     if rng.random() < 0.35 and building.width_m > 5.0:
         x0, x1 = geometry.x_px(left_m + 0.8), geometry.x_px(left_m + building.width_m - 0.8)
@@ -558,8 +644,10 @@ def draw_ground_floor(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, geom
         stripe_colours = [SIGN_PALETTE[int(i)] for i in rng.choice(len(SIGN_PALETTE), size=2, replace=False)]
         stripe_px = geometry.x_px(rng.uniform(0.4, 0.9))
         for index, stripe_x in enumerate(np.arange(x0, x1, stripe_px)):
-            draw.rectangle([stripe_x, geometry.y_px(3.1), min(stripe_x + stripe_px, x1), geometry.y_px(2.5)],
-                           fill=stripe_colours[index % 2])
+            draw.rectangle(
+                [stripe_x, geometry.y_px(3.1), min(stripe_x + stripe_px, x1), geometry.y_px(2.5)],
+                fill=stripe_colours[index % 2],
+            )
         return
     door_column = int(rng.integers(num_columns))
     door_width_m = rng.uniform(1.1, 1.7)
@@ -567,17 +655,22 @@ def draw_ground_floor(draw: ImageDraw.ImageDraw, mask: ImageDraw.ImageDraw, geom
     for column in range(num_columns):
         centre_m = left_m + (column + 0.5) * column_step_m
         if column == door_column:
-            draw.rectangle([geometry.x_px(centre_m - door_width_m / 2), geometry.y_px(rng.uniform(2.2, 2.6)),
-                            geometry.x_px(centre_m + door_width_m / 2), geometry.y_px(0.0)], fill=door_rgb)
+            draw.rectangle(
+                [
+                    geometry.x_px(centre_m - door_width_m / 2),
+                    geometry.y_px(rng.uniform(2.2, 2.6)),
+                    geometry.x_px(centre_m + door_width_m / 2),
+                    geometry.y_px(0.0),
+                ],
+                fill=door_rgb,
+            )
         else:
-            box = (geometry.x_px(centre_m - 0.5), geometry.y_px(2.2), geometry.x_px(centre_m + 0.5),
-                   geometry.y_px(0.9))
+            box = (geometry.x_px(centre_m - 0.5), geometry.y_px(2.2), geometry.x_px(centre_m + 0.5), geometry.y_px(0.9))
             draw.rectangle(box, fill=(52, 60, 70), outline=(30, 30, 30), width=1)
             mask.rectangle(box, fill=255 if rng.random() < 0.4 else 0)
 
 
-def tree_boxes(geometry: StripGeometry, tree: TreeLayout,
-               block_start_m: float) -> tuple[list[float], list[float]]:
+def tree_boxes(geometry: StripGeometry, tree: TreeLayout, block_start_m: float) -> tuple[list[float], list[float]]:
     """Pixel boxes [x0, y0, x1, y1] of the trunk and of the round crown of one tree standing on the pavement."""
     centre_x = geometry.x_px(block_start_m + tree.centre_m)
     trunk_half_px = geometry.x_px(0.18)
@@ -588,8 +681,9 @@ def tree_boxes(geometry: StripGeometry, tree: TreeLayout,
     return trunk_box, crown_box
 
 
-def render_facade(config: ToyWorldConfig, split_index: int, route_index: int,
-                  layouts: list[BlockLayout]) -> tuple[Image.Image, Image.Image]:
+def render_facade(
+    config: ToyWorldConfig, split_index: int, route_index: int, layouts: list[BlockLayout]
+) -> tuple[Image.Image, Image.Image]:
     """The route's facade strip (RGB) and its lit-window mask (L, 255 where a window lights up at night)."""
     spec: SplitSpec = getattr(config, SPLITS[split_index])
     geometry = strip_geometry(config, spec)
@@ -616,6 +710,7 @@ def render_facade(config: ToyWorldConfig, split_index: int, route_index: int,
 # ----------------------------------------------------------------------------------------------------------------
 # Views: database images and queries.
 
+
 @dataclass(frozen=True)
 class View:
     """One image to render: where the camera stands, how it sees the facade, and its lighting."""
@@ -641,11 +736,14 @@ def query_views(config: ToyWorldConfig, split_index: int, route_index: int) -> l
     last_database_arc_m = database_views(config, spec)[-1].arc_length_m
     views = []
     for _ in range(spec.queries_per_route):
-        views.append(View(
-            arc_length_m=float(rng.uniform(0.0, last_database_arc_m)),
-            lateral_offset_m=float(rng.uniform(-config.max_lateral_offset_m, config.max_lateral_offset_m)),
-            vertical_shift_m=float(rng.uniform(-config.max_vertical_shift_m, config.max_vertical_shift_m)),
-            lighting=LIGHTINGS[int(rng.choice(len(LIGHTINGS), p=weights))]))
+        views.append(
+            View(
+                arc_length_m=float(rng.uniform(0.0, last_database_arc_m)),
+                lateral_offset_m=float(rng.uniform(-config.max_lateral_offset_m, config.max_lateral_offset_m)),
+                vertical_shift_m=float(rng.uniform(-config.max_vertical_shift_m, config.max_vertical_shift_m)),
+                lighting=LIGHTINGS[int(rng.choice(len(LIGHTINGS), p=weights))],
+            )
+        )
     return sorted(views, key=lambda view: view.arc_length_m)
 
 
@@ -657,8 +755,12 @@ def crop_box(config: ToyWorldConfig, view: View) -> tuple[float, float, float, f
     centre_x_m = view.arc_length_m + margin_blocks(config) * config.block_length_m
     centre_y_m = strip_top_z_m(config) - (config.camera_centre_height_m + view.vertical_shift_m)
     scale = config.pixels_per_metre
-    return ((centre_x_m - view_width_m / 2) * scale, (centre_y_m - view_height_m / 2) * scale,
-            (centre_x_m + view_width_m / 2) * scale, (centre_y_m + view_height_m / 2) * scale)
+    return (
+        (centre_x_m - view_width_m / 2) * scale,
+        (centre_y_m - view_height_m / 2) * scale,
+        (centre_x_m + view_width_m / 2) * scale,
+        (centre_y_m + view_height_m / 2) * scale,
+    )
 
 
 def render_database_image(config: ToyWorldConfig, strip: Image.Image, view: View) -> Image.Image:
@@ -667,8 +769,9 @@ def render_database_image(config: ToyWorldConfig, strip: Image.Image, view: View
     return strip.resize((width, height), Image.Resampling.BILINEAR, box=crop_box(config, view))
 
 
-def render_query_image(config: ToyWorldConfig, strip: Image.Image, lit_mask: Image.Image, view: View,
-                       rng: np.random.Generator) -> Image.Image:
+def render_query_image(
+    config: ToyWorldConfig, strip: Image.Image, lit_mask: Image.Image, view: View, rng: np.random.Generator
+) -> Image.Image:
     """A crop of the strip under the view's lighting, with an exposure change, optional blur and sensor noise."""
     height, width = config.image_size
     box = crop_box(config, view)
@@ -712,8 +815,10 @@ def image_name(config: ToyWorldConfig, vertices: np.ndarray, view: View, pano_id
     east_m, north_m = point + view.lateral_offset_m * np.array([-math.sin(direction_rad), math.cos(direction_rad)])
     latitude, longitude = approximate_lat_lon(east_m, north_m, config.utm_zone_number)
     heading = camera_heading_deg(direction_rad)
-    return (f"@{east_m:.2f}@{north_m:.2f}@{config.utm_zone_number}@{config.utm_zone_letter}@{latitude:.6f}"
-            f"@{longitude:.6f}@{pano_id}@0@{heading:.1f}@0@0@2.5@{timestamp}@{view.lighting}@.jpg")
+    return (
+        f"@{east_m:.2f}@{north_m:.2f}@{config.utm_zone_number}@{config.utm_zone_letter}@{latitude:.6f}"
+        f"@{longitude:.6f}@{pano_id}@0@{heading:.1f}@0@0@2.5@{timestamp}@{view.lighting}@.jpg"
+    )
 
 
 # Built-in sizes; the numbers above the module measure them.
@@ -730,13 +835,16 @@ PRESETS: dict[str, ToyWorldConfig] = {
 # ----------------------------------------------------------------------------------------------------------------
 # Writing the world, and recognising a complete one.
 
+
 def expected_counts(config: ToyWorldConfig) -> dict[str, dict[str, int]]:
     """Number of database images and queries of every split."""
     counts = {}
     for split in SPLITS:
         spec: SplitSpec = getattr(config, split)
-        counts[split] = {"database": spec.num_routes * len(database_views(config, spec)),
-                         "queries": spec.num_routes * spec.queries_per_route}
+        counts[split] = {
+            "database": spec.num_routes * len(database_views(config, spec)),
+            "queries": spec.num_routes * spec.queries_per_route,
+        }
     return counts
 
 
@@ -770,8 +878,14 @@ def is_complete_world(world_folder: Path, config: ToyWorldConfig) -> bool:
         for folder, expected in folder_counts.items():
             found = len(list((world_folder / "images" / split / folder).glob("*.jpg")))
             if found != expected:
-                logger.info("Toy world in %s is incomplete: %s/%s has %d images, expected %d",
-                            world_folder, split, folder, found, expected)
+                logger.info(
+                    "Toy world in %s is incomplete: %s/%s has %d images, expected %d",
+                    world_folder,
+                    split,
+                    folder,
+                    found,
+                    expected,
+                )
                 return False
     return True
 
@@ -791,8 +905,14 @@ def save_jpeg(image: Image.Image, path: Path, config: ToyWorldConfig) -> None:
     image.save(path, format="JPEG", quality=config.jpeg_quality, optimize=True)
 
 
-def write_route(config: ToyWorldConfig, split_index: int, route_index: int, layouts: list[BlockLayout],
-                split_folder: Path, progress_bar: tqdm) -> list[str]:
+def write_route(
+    config: ToyWorldConfig,
+    split_index: int,
+    route_index: int,
+    layouts: list[BlockLayout],
+    split_folder: Path,
+    progress_bar: tqdm,
+) -> list[str]:
     """Render and save the database images and queries of one route; return the database file names in order."""
     spec: SplitSpec = getattr(config, SPLITS[split_index])
     vertices = make_route_vertices(config, split_index, route_index)
@@ -816,17 +936,22 @@ def write_split(config: ToyWorldConfig, split_index: int, split_folder: Path, pr
     """Lay out, render and save every route of one split; return the manifest records of its look-alikes."""
     spec: SplitSpec = getattr(config, SPLITS[split_index])
     layout_rng = rng_for(config, LAYOUT_STREAM, split_index)
-    layouts = [[draw_block_layout(layout_rng, config.block_length_m) for _ in range(num_blocks(config, spec))]
-               for _ in range(spec.num_routes)]
+    layouts = [
+        [draw_block_layout(layout_rng, config.block_length_m) for _ in range(num_blocks(config, spec))]
+        for _ in range(spec.num_routes)
+    ]
     runs = choose_lookalike_runs(config, split_index)
     copy_lookalike_layouts(config, runs, layouts)
-    database_names = [write_route(config, split_index, route_index, layouts[route_index], split_folder, progress_bar)
-                      for route_index in range(spec.num_routes)]
+    database_names = [
+        write_route(config, split_index, route_index, layouts[route_index], split_folder, progress_bar)
+        for route_index in range(spec.num_routes)
+    ]
     return [lookalike_record(config, split_index, run, database_names) for run in runs]
 
 
-def lookalike_record(config: ToyWorldConfig, split_index: int, run: LookalikeRun,
-                     database_names: list[list[str]]) -> dict:
+def lookalike_record(
+    config: ToyWorldConfig, split_index: int, run: LookalikeRun, database_names: list[list[str]]
+) -> dict:
     """Manifest entry of one look-alike run, with the database image pairs that see only copied blocks."""
     split = SPLITS[split_index]
     run_length_m = config.lookalike_blocks * config.block_length_m
@@ -836,27 +961,45 @@ def lookalike_record(config: ToyWorldConfig, split_index: int, run: LookalikeRun
     source_vertices = make_route_vertices(config, split_index, run.source_route)
     target_vertices = make_route_vertices(config, split_index, run.target_route)
     image_pairs = []
-    for view_index in range(round(source_start_m / config.database_spacing_m),
-                            round((source_start_m + run_length_m) / config.database_spacing_m) + 1):
+    for view_index in range(
+        round(source_start_m / config.database_spacing_m),
+        round((source_start_m + run_length_m) / config.database_spacing_m) + 1,
+    ):
         arc_m = view_index * config.database_spacing_m
-        sees_only_copied_blocks = (source_start_m <= arc_m - config.view_width_m / 2
-                                   and arc_m + config.view_width_m / 2 <= source_start_m + run_length_m)
+        sees_only_copied_blocks = (
+            source_start_m <= arc_m - config.view_width_m / 2
+            and arc_m + config.view_width_m / 2 <= source_start_m + run_length_m
+        )
         if not sees_only_copied_blocks:
             continue
         target_index = view_index + (run.target_block - run.source_block) * steps_per_block
         source_point, _ = point_on_route(source_vertices, arc_m)
         target_point, _ = point_on_route(target_vertices, target_index * config.database_spacing_m)
-        image_pairs.append({
-            "source": f"images/{split}/database/{database_names[run.source_route][view_index]}",
-            "target": f"images/{split}/database/{database_names[run.target_route][target_index]}",
-            "distance_m": round(float(np.linalg.norm(source_point - target_point)), 2)})
-    return {"split": split, "source_route": run.source_route, "source_start_m": source_start_m,
-            "target_route": run.target_route, "target_start_m": target_start_m, "length_m": run_length_m,
-            "image_pairs": image_pairs}
+        image_pairs.append(
+            {
+                "source": f"images/{split}/database/{database_names[run.source_route][view_index]}",
+                "target": f"images/{split}/database/{database_names[run.target_route][target_index]}",
+                "distance_m": round(float(np.linalg.norm(source_point - target_point)), 2),
+            }
+        )
+    return {
+        "split": split,
+        "source_route": run.source_route,
+        "source_start_m": source_start_m,
+        "target_route": run.target_route,
+        "target_start_m": target_start_m,
+        "length_m": run_length_m,
+        "image_pairs": image_pairs,
+    }
 
 
-def make_toy_world(datasets_folder: str | Path, config: ToyWorldConfig = PRESETS["default"], *,
-                   force: bool = False, progress: bool = True) -> Path:
+def make_toy_world(
+    datasets_folder: str | Path,
+    config: ToyWorldConfig = PRESETS["default"],
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
     """Write the toy world under <datasets_folder>/toy_world and return that folder.
 
     Idempotent: if a complete world made with the same config and generator version is there (its manifest
@@ -880,13 +1023,19 @@ def make_toy_world(datasets_folder: str | Path, config: ToyWorldConfig = PRESETS
     with tqdm(total=total_images, desc="toy world", unit="img", disable=not progress) as progress_bar:
         for split_index, split in enumerate(SPLITS):
             lookalikes += write_split(config, split_index, world_folder / "images" / split, progress_bar)
-    manifest = {"name": TOY_WORLD_NAME, "generator_version": GENERATOR_VERSION, "config": config_as_json(config),
-                "counts": counts, "lookalikes": lookalikes}
+    manifest = {
+        "name": TOY_WORLD_NAME,
+        "generator_version": GENERATOR_VERSION,
+        "config": config_as_json(config),
+        "counts": counts,
+        "lookalikes": lookalikes,
+    }
     temporary_path = world_folder / (MANIFEST_NAME + ".tmp")
     temporary_path.write_text(json.dumps(manifest, indent=1))
     os.replace(temporary_path, world_folder / MANIFEST_NAME)
-    logger.info("Toy world written to %s: %d images in %.1f s", world_folder, total_images,
-                time.perf_counter() - start_time)
+    logger.info(
+        "Toy world written to %s: %d images in %.1f s", world_folder, total_images, time.perf_counter() - start_time
+    )
     return world_folder
 
 
@@ -899,17 +1048,33 @@ def main() -> None:
     """Command line: generate a toy world and report where it is, how many images it has and its size."""
     parser = argparse.ArgumentParser(
         description="Generate the built-in toy world, a small procedural VPR dataset in the VG-benchmark layout "
-                    "(<datasets_folder>/toy_world/images/{train,val,test}/{database,queries}).")
-    parser.add_argument("--datasets_folder", type=str, default="./data",
-                        help="folder that receives the toy_world/ dataset folder (default: ./data)")
-    parser.add_argument("--preset", type=str, default="default", choices=sorted(PRESETS),
-                        help="size of the world: 'default' (about 1900 images, 9 MB, 6 s) or 'small' (about 160 "
-                             "images, for tests) (default: default)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="random seed of the world; the same seed and preset give identical files "
-                             "(default: the preset's seed, 0)")
-    parser.add_argument("--force", action="store_true",
-                        help="regenerate even if a complete world with the same settings is already there")
+        "(<datasets_folder>/toy_world/images/{train,val,test}/{database,queries})."
+    )
+    parser.add_argument(
+        "--datasets_folder",
+        type=str,
+        default="./data",
+        help="folder that receives the toy_world/ dataset folder (default: ./data)",
+    )
+    parser.add_argument(
+        "--preset",
+        type=str,
+        default="default",
+        choices=sorted(PRESETS),
+        help="size of the world: 'default' (about 1900 images, 9 MB, 6 s) or 'small' (about 160 "
+        "images, for tests) (default: default)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed of the world; the same seed and preset give identical files (default: the preset's seed, 0)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="regenerate even if a complete world with the same settings is already there",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = PRESETS[args.preset]
@@ -921,8 +1086,11 @@ def main() -> None:
     logger.info("Toy world in %s (%.1f s)", world_folder.resolve(), time.perf_counter() - start_time)
     for split, folder_counts in counts.items():
         logger.info("  %-5s  %4d database, %4d queries", split, folder_counts["database"], folder_counts["queries"])
-    logger.info("  total  %d images, %.1f MB on disk", sum(sum(c.values()) for c in counts.values()),
-                folder_size_bytes(world_folder) / 1e6)
+    logger.info(
+        "  total  %d images, %.1f MB on disk",
+        sum(sum(c.values()) for c in counts.values()),
+        folder_size_bytes(world_folder) / 1e6,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""VG-benchmark folders (Pitts30k and others, as the VPR-datasets-downloader writes them):
+<datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg, UTM in the file names."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Collection, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from places.index import (
+    DatasetError,
+    PlaceIndex,
+    drop_queries_without_positives,
+    positives_within_radius,
+    without_images,
+)
+
+VG_SPLITS = ("train", "val", "test")
+VG_FILE_NAME_PATTERN = "@UTM_east@UTM_north@UTM_zone_number@UTM_zone_letter@lat@lon@...@.jpg"
+VG_LAYOUT = "<datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg"
+
+
+def utm_from_filename(path: str | Path) -> tuple[float, float]:
+    """(UTM east, UTM north) in metres from a VG-format file name '@east@north@...@.jpg'.
+
+    Only the base name is parsed, so an '@' in a parent folder does not matter.
+    """
+    name = Path(path).name
+    fields = name.split("@")
+    if len(fields) < 3:
+        raise DatasetError(
+            f"cannot read UTM coordinates from file name {path}: expected the pattern "
+            f"'{VG_FILE_NAME_PATTERN}', found {len(fields) - 1} '@' in '{name}'"
+        )
+    try:
+        east, north = float(fields[1]), float(fields[2])
+    except ValueError:
+        raise DatasetError(
+            f"cannot read UTM coordinates from file name {path}: expected numbers in the first two "
+            f"fields of '{VG_FILE_NAME_PATTERN}', found '{fields[1]}' and '{fields[2]}'"
+        ) from None
+    if not (np.isfinite(east) and np.isfinite(north)):
+        raise DatasetError(f"UTM coordinates in file name {path} are not finite: east={east}, north={north}")
+    return east, north
+
+
+def build_vg_split(
+    datasets_folder: str | Path,
+    dataset_name: str,
+    split: str,
+    *,
+    positive_dist_threshold: float = 25.0,
+    train_positive_dist_threshold: float = 10.0,
+    exclude: Collection[str] | Mapping[str, str] = (),
+) -> PlaceIndex:
+    """PlaceIndex of <datasets_folder>/<dataset_name>/images/<split>/{database,queries}/**/*.jpg.
+
+    Images are sorted by path; UTM comes from the file names. Soft positives: within positive_dist_threshold.
+    For split "train" also hard positives (within train_positive_dist_threshold), and training queries without a
+    hard positive are dropped (logged), as in the reference. exclude: see without_images.
+    """
+    split_folder = _vg_split_folder(Path(datasets_folder), dataset_name, split)
+    database_paths = _sorted_jpgs(split_folder, "database")
+    queries_paths = _sorted_jpgs(split_folder, "queries")
+    database_utms = np.array([utm_from_filename(split_folder / p) for p in database_paths], dtype=np.float64)
+    queries_utms = np.array([utm_from_filename(split_folder / p) for p in queries_paths], dtype=np.float64)
+    soft_positives = positives_within_radius(database_utms, queries_utms, positive_dist_threshold)
+    hard_positives = None
+    if split == "train":
+        hard_positives = positives_within_radius(database_utms, queries_utms, train_positive_dist_threshold)
+    index = PlaceIndex(
+        name=f"{dataset_name}/{split}",
+        root=split_folder,
+        database_paths=database_paths,
+        queries_paths=queries_paths,
+        database_utms=database_utms,
+        queries_utms=queries_utms,
+        soft_positives_per_query=soft_positives,
+        hard_positives_per_query=hard_positives,
+    )
+    if split == "train":
+        index = drop_queries_without_positives(
+            index, "hard", f"no database image within {train_positive_dist_threshold:g} m"
+        )
+    return without_images(index, exclude, "hard" if split == "train" else None)
+
+
+def _vg_split_folder(datasets_folder: Path, dataset_name: str, split: str) -> Path:
+    """<datasets_folder>/<dataset_name>/images/<split>, checked to hold database/ and queries/."""
+    if not datasets_folder.is_dir():
+        raise DatasetError(f"datasets folder {datasets_folder} not found; expected the layout {VG_LAYOUT}")
+    dataset_folder = datasets_folder / dataset_name
+    if not dataset_folder.is_dir():
+        present = sorted(p.name for p in datasets_folder.iterdir() if p.is_dir())
+        raise DatasetError(
+            f"dataset folder {dataset_folder} not found (datasets present in {datasets_folder}: "
+            f"{present or 'none'}); expected the layout {VG_LAYOUT}"
+        )
+    images_folder = dataset_folder / "images"
+    if not images_folder.is_dir():
+        raise DatasetError(f"folder {images_folder} not found; expected the layout {VG_LAYOUT}")
+    split_folder = images_folder / split
+    if not split_folder.is_dir():
+        present = sorted(p.name for p in images_folder.iterdir() if p.is_dir())
+        raise DatasetError(
+            f"split '{split}' not found: no folder {split_folder}; splits present: "
+            f"{present or 'none'}; expected one of {list(VG_SPLITS)}"
+        )
+    for part in ("database", "queries"):
+        if not (split_folder / part).is_dir():
+            raise DatasetError(f"folder {split_folder / part} not found; expected the layout {VG_LAYOUT}")
+    return split_folder
+
+
+def _sorted_jpgs(split_folder: Path, part: str) -> list[str]:
+    """Sorted posix paths, relative to split_folder, of <split_folder>/<part>/**/*.jpg; DatasetError when none."""
+    pattern = os.path.join(glob.escape(str(split_folder / part)), "**", "*.jpg")
+    found = sorted(glob.glob(pattern, recursive=True))
+    if not found:
+        raise DatasetError(
+            f"no .jpg images under {split_folder / part} (searched recursively); expected files "
+            f"named '{VG_FILE_NAME_PATTERN}'"
+        )
+    return [Path(p).relative_to(split_folder).as_posix() for p in found]

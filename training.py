@@ -1,0 +1,614 @@
+"""Training: mine tuples, optimise, validate every epoch, keep last/best checkpoints, stop early, test the best.
+train_reranking.py drives a ``Trainer``; train_reranking.sh has the recipes.
+
+Stages (--train_stage):
+    reranker  backbone frozen; local_head + reranker trained with cross-entropy on positive-vs-negative logits
+    full      also the backbone, adding a triplet loss on the global descriptors
+    global    the global descriptor alone, triplet loss (what the reference's train_global_retrieval.sh meant to do)
+
+Loss scale (a deliberate choice): the reranker loss is 0.5 * CE(positive, "same") + 0.5 * mean over negatives of
+CE(negative, "different"), i.e. both classes weigh the same, as in the reference, but without the reference's extra
+1/train_batch_size factor. Under AdamW a constant factor on the loss leaves the updates unchanged (up to
+eps), so learning rates transfer from the reference. The triplet term is the mean over all (query, positive,
+negative) triplets, as in the reference, and is simply added.
+
+Checkpoints (last.pth and best.pth, written atomically; docs/checkpoints.md) hold what --resume last.pth needs to
+continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.data
+from tqdm import tqdm
+
+import util
+from datasets_ws import TupleDataset
+from evaluation import build_results, eval_settings, evaluate, recalls_by_name, recalls_table, write_outputs
+from extraction import global_descriptors, image_batches
+from mining import TupleMiner, Tuples, file_sha1, load_hard_negatives
+from model.backbone import patch_grid
+from model.checkpoint import LoadedCheckpoint, load_weights, open_checkpoint, save_model
+from model.network import PRGSNetwork
+from places.index import PlaceIndex
+from visualize import save_training_curves
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage set-up, schedule, loss
+
+
+def configure_stage(model: PRGSNetwork, stage: str) -> list[torch.nn.Parameter]:
+    """Freeze what the stage does not train; return the trainable parameters."""
+    trains_backbone = stage in ("full", "global")
+    trains_reranker = stage in ("reranker", "full")
+    for parameter in model.backbone.parameters():
+        parameter.requires_grad = trains_backbone
+    for module in (model.local_head, model.reranker):
+        for parameter in module.parameters():
+            parameter.requires_grad = trains_reranker
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def set_train_mode(model: PRGSNetwork, stage: str) -> None:
+    """Training mode, except a frozen backbone stays in eval mode (BatchNorm statistics of a ResNet stay fixed)."""
+    model.train()
+    model.backbone.train(stage != "reranker")
+
+
+def lr_factor(epoch: int, args) -> float:
+    """Learning-rate multiplier for an epoch: linear warm-up from 0.1, then step decay or cosine, as the reference."""
+    if epoch < args.warmup_epochs:
+        progress = epoch / args.warmup_epochs
+        return 0.1 * (1 - progress) + progress
+    if args.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / args.epochs_num))
+    return args.lr_step_gamma ** ((epoch - args.warmup_epochs) // args.lr_step_epochs)
+
+
+def tuple_loss(
+    model: PRGSNetwork, images: torch.Tensor, stage: str, margin: float, grid: tuple[int, int]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """images (B, T, 3, H, W), T = 2 + negs in the order query, positive, negatives -> (loss, its parts)."""
+    batch, group = images.shape[:2]
+    flat = images.flatten(0, 1)  # (B*T, 3, H, W)
+    parts = {}
+    if stage == "global":
+        descriptors = model(flat, global_only=True)
+        loss = parts["triplet"] = triplet_loss(descriptors.reshape(batch, group, -1), margin)
+    else:
+        descriptors, local = model(flat)
+        loss = parts["rerank_ce"] = rerank_loss(model, local.reshape(batch, group, *local.shape[1:]), grid)
+        if stage == "full":
+            parts["triplet"] = triplet_loss(descriptors.reshape(batch, group, -1), margin)
+            loss = loss + parts["triplet"]
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def rerank_loss(model: PRGSNetwork, local: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """local (B, T, L, C) as query, positive, negatives -> 0.5 CE(positive, same) + 0.5 mean CE(negative, other)."""
+    batch, group = local.shape[:2]
+    logits = model.rerank_logits(local[:, 0], local[:, 1:], grid).float()  # (B, 1 + negs, 2)
+    positive = F.cross_entropy(logits[:, 0], torch.ones(batch, dtype=torch.long, device=logits.device))
+    negatives = F.cross_entropy(
+        logits[:, 1:].flatten(0, 1), torch.zeros(batch * (group - 2), dtype=torch.long, device=logits.device)
+    )
+    return 0.5 * positive + 0.5 * negatives
+
+
+class FrozenBackboneCache:
+    """Backbone outputs (tokens, attention) of every training image, computed once: with the backbone frozen
+    (stage reranker) they never change, so each step only runs local_head and the reranker."""
+
+    def __init__(
+        self,
+        model: PRGSNetwork,
+        index: PlaceIndex,
+        image_size: tuple[int, int],
+        device: torch.device,
+        batch_size: int,
+        num_workers: int,
+        precision: str,
+    ):
+        descriptors, tokens, attention = [], [], []
+        for _, out in image_batches(
+            model,
+            lambda images: model.backbone.forward_prgs(images, with_local=True),
+            index,
+            range(len(index)),
+            image_size,
+            device,
+            batch_size,
+            num_workers,
+            precision,
+            "caching frozen backbone outputs",
+        ):
+            descriptors.append(out.global_descriptor.float().cpu())
+            tokens.append(out.tokens.float().cpu())
+            attention.append(out.attention.float().cpu())
+        self.descriptors = torch.cat(descriptors).numpy()  # (N, D), for mining
+        self.tokens = torch.cat(tokens)  # (N, L, C)
+        self.attention = torch.cat(attention)  # (N, L)
+        self.image_size = tuple(image_size)
+        logger.info(
+            "cached frozen backbone outputs of %d images (%.0f MB)",
+            len(self.tokens),
+            (self.tokens.numel() + self.attention.numel()) * 4 / 2**20,
+        )
+
+    def local(self, model: PRGSNetwork, image_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Nodes (n, L, C) of the images ``image_ids`` (global indices), through the current local_head."""
+        return model.local_nodes(
+            self.tokens[image_ids].to(device), self.attention[image_ids].to(device), self.image_size
+        )
+
+
+def triplet_loss(descriptors: torch.Tensor, margin: float) -> torch.Tensor:
+    """descriptors (B, T, D) as query, positive, negatives -> mean triplet margin loss over the B*(T-2) triplets."""
+    negatives = descriptors[:, 2:]
+    anchors = descriptors[:, :1].expand_as(negatives)
+    positives = descriptors[:, 1:2].expand_as(negatives)
+    return F.triplet_margin_loss(
+        anchors.flatten(0, 1).float(),
+        positives.flatten(0, 1).float(),
+        negatives.flatten(0, 1).float(),
+        margin=margin,
+        p=2,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training state and checkpoints
+
+
+@dataclass
+class TrainingState:
+    """Where training is and what it has seen. Position = the next (epoch, round, step in round) to run."""
+
+    epoch: int = 0
+    round: int = 0
+    step_in_round: int = 0
+    global_step: int = 0
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    not_improved: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    history: list[dict] = field(default_factory=list)
+    tuples: Tuples | None = None  # the current round's tuples while it is in progress
+
+    def to_checkpoint(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k != "tuples"}
+        state["tuples"] = self.tuples.state() if self.tuples is not None else None
+        return state
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> TrainingState:
+        state = dict(state)
+        tuples = state.pop("tuples")
+        return cls(**state, tuples=Tuples.from_state(tuples) if tuples is not None else None)
+
+
+def save_training_checkpoint(
+    path: Path, model: PRGSNetwork, optimizer: torch.optim.Optimizer, state: TrainingState, miner: TupleMiner, args
+) -> None:
+    previous = miner.previous_negatives
+    queries = torch.tensor(sorted(previous), dtype=torch.long)
+    negatives = torch.from_numpy(np.stack([previous[int(q)] for q in queries])) if len(queries) else torch.empty(0)
+    save_model(
+        model,
+        path,
+        training_state={
+            "state": state.to_checkpoint(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {
+                "schedule": args.lr_schedule,
+                "epoch": state.epoch,
+                "lr_factor": lr_factor(state.epoch, args),
+            },
+            "rng": util.rng_states(),
+            "previous_negatives": {"queries": queries, "negatives": negatives},
+        },
+        args=util.plain_args(args),
+    )
+
+
+def restore_training(
+    checkpoint: LoadedCheckpoint, optimizer: torch.optim.Optimizer, miner: TupleMiner
+) -> TrainingState:
+    """Optimizer, miner, RNG and position from one of our checkpoints."""
+    training = checkpoint.state["training_state"]
+    optimizer.load_state_dict(training["optimizer"])
+    previous = training["previous_negatives"]
+    miner.previous_negatives = {int(q): n.numpy() for q, n in zip(previous["queries"], previous["negatives"])}
+    util.set_rng_states(training["rng"])
+    return TrainingState.from_checkpoint(training["state"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainingSplits:
+    train: PlaceIndex
+    val: PlaceIndex  # validated every epoch; selects the best epoch
+    test: PlaceIndex  # --test_split: the best model's final test
+
+
+class Trainer:
+    """One training run: the model and what trains it (optimiser, miner, frozen-backbone cache), where training is
+    (``state``), and the run's outputs (``results``, checkpoints in ``run.folder``)."""
+
+    def __init__(
+        self, model: PRGSNetwork, checkpoint: LoadedCheckpoint | None, splits: TrainingSplits, args, run: util.Run
+    ):
+        self.model, self.splits, self.args, self.run = model, splits, args, run
+        self.device, self.grid = run.device, patch_grid(args.resize)
+        self.with_rerank = args.train_stage != "global"
+        self.trainable = configure_stage(model, args.train_stage)
+        logger.info(
+            "stage %s: %d trainable parameters of %d (%s, input %dx%d)",
+            args.train_stage,
+            util.count_parameters(model, trainable_only=True),
+            util.count_parameters(model),
+            model.config.backbone,
+            *args.resize,
+        )
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=args.lr, weight_decay=args.weight_decay)
+        self.miner = TupleMiner(
+            splits.train,
+            args.mining,
+            args.negs_num_per_query,
+            args.neg_hardness,
+            args.neg_samples_num,
+            self._hard_negatives(),
+        )
+        self.state = self._start_or_resume(checkpoint)
+        self.settings = eval_settings(args, self.device)
+        self.cache: FrozenBackboneCache | None = None
+        self.results: dict = {
+            "stage": args.train_stage,
+            "datasets": {name: getattr(splits, name).summary() for name in ("train", "val", "test")},
+        }
+
+    def _hard_negatives(self) -> np.ndarray | None:
+        """The --hard_negatives file's list for --mining global (checked against the training split), else None."""
+        args = self.args
+        if args.mining != "global":
+            return None
+        hint = (
+            f"python3 pre_compute_mining.py --dataset_name {args.dataset_name} --datasets_folder "
+            f"{args.datasets_folder} --resume GLOBAL_MODEL --output {args.hard_negatives}"
+        )
+        hard_negatives, metadata = load_hard_negatives(args.hard_negatives, self.splits.train, args.neg_hardness, hint)
+        logger.info(
+            "hard negatives from %s (mined %s with %s)",
+            args.hard_negatives,
+            metadata.get("created"),
+            metadata.get("model_checkpoint"),
+        )
+        if args.resume and metadata.get("model_checkpoint_sha1") not in (None, file_sha1(args.resume)):
+            logger.warning(
+                "the hard negatives were mined with another model (%s) than --resume %s: they may not be "
+                "the hardest for this one. Rebuild them with: %s",
+                metadata.get("model_checkpoint"),
+                args.resume,
+                hint.replace("GLOBAL_MODEL", args.resume),
+            )
+        return hard_negatives
+
+    def _start_or_resume(self, checkpoint: LoadedCheckpoint | None) -> TrainingState:
+        """The exact training state of a last.pth of this stage; a fresh state for anything else."""
+        resumed_stage = (checkpoint.state.get("args") or {}).get("train_stage") if checkpoint is not None else None
+        if checkpoint is not None and "training_state" in checkpoint.state and resumed_stage == self.args.train_stage:
+            state = restore_training(checkpoint, self.optimizer, self.miner)
+            logger.info(
+                "resuming %s exactly: epoch %d, round %d, step %d (%d steps done)",
+                checkpoint.path,
+                state.epoch,
+                state.round,
+                state.step_in_round,
+                state.global_step,
+            )
+            return state
+        if checkpoint is not None:
+            logger.info(
+                "--resume %s (%s layout%s) initialises the weights only; training starts at epoch 0",
+                checkpoint.path,
+                checkpoint.layout,
+                f", stage {resumed_stage}" if resumed_stage else "",
+            )
+        return TrainingState()
+
+    def test_before_training(self) -> None:
+        """With --test_before_training on a fresh start: the test split's recalls before any step."""
+        if self.args.test_before_training and self.state.global_step == 0:
+            before = evaluate(
+                self.model, self.splits.test, self.settings, self.run.folder / "work", with_rerank=self.with_rerank
+            )
+            self.results["test_before_training"] = recalls_by_name(before)
+            logger.info("test before training (%s):\n%s", self.splits.test.summary(), recalls_table(before))
+
+    def train(self) -> str:
+        """Epochs until --epochs_num, early stopping or --max_steps; returns which of the three stopped it."""
+        args = self.args
+        if args.cache_frozen_backbone:
+            self.cache = FrozenBackboneCache(
+                self.model,
+                self.splits.train,
+                args.resize,
+                self.device,
+                args.infer_batch_size,
+                args.num_workers,
+                args.precision,
+            )
+        if args.cache_refresh_rate > self.splits.train.queries_num:
+            logger.warning(
+                "--cache_refresh_rate %d is larger than the %d training queries: each round uses all of them",
+                args.cache_refresh_rate,
+                self.splits.train.queries_num,
+            )
+        while self.state.epoch < args.epochs_num:
+            epoch_start = time.perf_counter()
+            if not self._train_epoch():
+                return "max_steps"
+            if self._validate(epoch_start):
+                return "early_stopping"
+        return "epochs_num"
+
+    def _train_epoch(self) -> bool:
+        """The rest of the current epoch's mining rounds; False when --max_steps stopped it."""
+        args, state = self.args, self.state
+        for group in self.optimizer.param_groups:
+            group["lr"] = args.lr * lr_factor(state.epoch, args)
+        rounds_per_epoch = args.queries_per_epoch // args.cache_refresh_rate
+        queries_per_round = min(args.cache_refresh_rate, self.splits.train.queries_num)
+        while state.round < rounds_per_epoch:
+            if state.tuples is None:
+                rng = np.random.default_rng([args.seed, state.epoch, state.round])
+                queries = np.sort(rng.choice(self.splits.train.queries_num, queries_per_round, replace=False))
+                state.tuples = self.miner.mine(
+                    queries, rng, self.global_descriptors_of, global_model_frozen=args.train_stage == "reranker"
+                )
+            if not self._run_round(state.tuples):
+                return False
+            state.round, state.step_in_round, state.tuples = state.round + 1, 0, None
+        return True
+
+    def global_descriptors_of(self, image_ids: np.ndarray) -> np.ndarray:
+        """Global descriptors (n, D) of training images (global indices), for mining."""
+        if self.cache is not None:
+            return self.cache.descriptors[image_ids]
+        args = self.args
+        return global_descriptors(
+            self.model,
+            self.splits.train,
+            image_ids,
+            args.resize,
+            self.device,
+            args.infer_batch_size,
+            args.num_workers,
+            args.precision,
+            "mining descriptors",
+        )
+
+    def _batches(self, tuples: Tuples):
+        """(images (B, T, 3, H, W) or None when the cache holds the backbone outputs, image ids (B, T)) of the
+        current round from state.step_in_round on."""
+        batch_size, start = self.args.train_batch_size, self.state.step_in_round * self.args.train_batch_size
+        dataset = TupleDataset(
+            self.splits.train,
+            tuples.queries[start:],
+            tuples.positives[start:],
+            tuples.negatives[start:],
+            self.args.resize,
+        )
+        if self.cache is not None:
+            ids = torch.from_numpy(dataset.image_ids)
+            return [(None, ids[i : i + batch_size]) for i in range(0, len(ids) - batch_size + 1, batch_size)]
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            drop_last=True,
+            num_workers=self.args.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator(),
+        )
+
+    def _run_round(self, tuples: Tuples) -> bool:
+        """Train on one mining round from state.step_in_round. Returns False when --max_steps stopped it."""
+        args, state = self.args, self.state
+        set_train_mode(self.model, args.train_stage)
+        bar = tqdm(self._batches(tuples), desc=f"epoch {state.epoch:02d} round {state.round}", unit="step", leave=False)
+        for images, image_ids in bar:
+            if args.max_steps and state.global_step >= args.max_steps:
+                self.save_last()
+                return False
+            loss, parts = self._step(images, image_ids)
+            state.global_step += 1
+            state.step_in_round += 1
+            state.loss_sum += loss
+            state.loss_count += 1
+            bar.set_postfix(loss=f"{loss:.4f}", mean=f"{state.loss_sum / state.loss_count:.4f}")
+            if state.global_step <= 2 or state.global_step % 100 == 0:
+                logger.debug("step %d: loss %.5f %s", state.global_step, loss, parts)
+            if args.max_steps and state.global_step >= args.max_steps:
+                self.save_last()
+                return False
+            if args.checkpoint_every_steps and state.global_step % args.checkpoint_every_steps == 0:
+                self.save_last()
+        return True
+
+    def _step(self, images: torch.Tensor | None, image_ids: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """One optimiser step on a batch of tuples; returns (loss, its parts)."""
+        args = self.args
+        with util.autocast(self.device, args.precision):
+            if self.cache is None:
+                loss, parts = tuple_loss(
+                    self.model, images.to(self.device, non_blocking=True), args.train_stage, args.margin, self.grid
+                )
+            else:
+                local = self.cache.local(self.model, image_ids.flatten(), self.device)  # (B*T, L, C)
+                loss = rerank_loss(self.model, local.reshape(*image_ids.shape, *local.shape[1:]), self.grid)
+                parts = {"rerank_ce": float(loss.detach())}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, args.grad_clip)
+        self.optimizer.step()
+        return float(loss.detach()), parts
+
+    def save_last(self) -> None:
+        save_training_checkpoint(
+            self.run.folder / "last.pth", self.model, self.optimizer, self.state, self.miner, self.args
+        )
+
+    def _validate(self, epoch_start: float) -> bool:
+        """Validate the epoch just trained, keep last.pth (and best.pth when it improved), draw the curves; returns
+        True when patience ran out."""
+        args, state = self.args, self.state
+        validation = evaluate(
+            self.model, self.splits.val, self.settings, self.run.folder / "work", with_rerank=self.with_rerank
+        )
+        metric = (validation.reranked_recalls if self.with_rerank else validation.global_recalls)[args.recall_values[0]]
+        improved = metric > state.best_metric
+        mean_loss = state.loss_sum / max(1, state.loss_count)
+        lr = self.optimizer.param_groups[0]["lr"]
+        state.history.append(
+            {
+                "epoch": state.epoch,
+                "loss": mean_loss,
+                "lr": lr,
+                "val": recalls_by_name(validation),
+                "seconds": round(time.perf_counter() - epoch_start, 1),
+            }
+        )
+        logger.info(
+            "epoch %02d: mean loss %.5f, lr %.2e, %.0f s; validation on %s:\n%s",
+            state.epoch,
+            mean_loss,
+            lr,
+            time.perf_counter() - epoch_start,
+            self.splits.val.summary(),
+            recalls_table(validation),
+        )
+        if improved:
+            logger.info("improved: R@%d %.2f -> %.2f", args.recall_values[0], max(state.best_metric, 0), metric)
+            state.best_metric, state.best_epoch, state.not_improved = metric, state.epoch, 0
+        else:
+            state.not_improved += 1
+            logger.info(
+                "not improved (%d / %d): R@%d %.2f, best %.2f at epoch %d",
+                state.not_improved,
+                args.patience,
+                args.recall_values[0],
+                metric,
+                state.best_metric,
+                state.best_epoch,
+            )
+        state.epoch, state.round, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0
+        self.save_last()
+        if improved:
+            save_model(self.model, self.run.folder / "best.pth", metrics=state.history[-1], args=util.plain_args(args))
+        self._save_curves()
+        if state.not_improved >= args.patience:
+            logger.info("early stopping: %d epochs without improvement", state.not_improved)
+            return True
+        return False
+
+    def _save_curves(self) -> None:
+        history = self.state.history
+        first = next(iter(history[0]["val"]["global"]))
+        recalls = {"global": [h["val"]["global"][first] for h in history]}
+        if self.with_rerank:
+            recalls["reranked"] = [h["val"]["reranked"][first] for h in history]
+        save_training_curves(
+            self.run.folder / "training_curves.png",
+            [h["epoch"] for h in history],
+            [h["loss"] for h in history],
+            recalls,
+        )
+
+    def test_best(self, stopped: str) -> None:
+        """The best epoch's weights on the test split, with test.py's outputs in <run>/test/ (not after
+        --max_steps, nor when no epoch finished)."""
+        if stopped == "max_steps" or self.state.best_epoch < 0:
+            return
+        best = open_checkpoint(self.run.folder / "best.pth")
+        load_weights(self.model, best)
+        test_started = time.perf_counter()
+        after = evaluate(
+            self.model, self.splits.test, self.settings, self.run.folder / "work", with_rerank=self.with_rerank
+        )
+        self.results["test"] = recalls_by_name(after)
+        test_results = build_results(
+            self.args,
+            self.args.test_split,
+            self.splits.test,
+            self.model,
+            best,
+            after,
+            self.device,
+            time.perf_counter() - test_started,
+        )
+        write_outputs(self.args, self.run.folder / "test", self.splits.test, after, test_results)
+        logger.info(
+            "test of the best model (epoch %d) on %s:\n%s",
+            self.state.best_epoch,
+            self.splits.test.summary(),
+            recalls_table(after),
+        )
+        if "test_before_training" in self.results:
+            logger.info(before_after_table(self.results, self.args.recall_values))
+
+    def write_results(self, stopped: str) -> dict:
+        """results.json (docs/outputs.md) in the run folder; returns it."""
+        state, args = self.state, self.args
+        key = f"val_{'reranked' if self.with_rerank else 'global'}_R@{args.recall_values[0]}"
+        self.results.update(
+            {
+                "stopped": stopped,
+                "epochs_trained": state.epoch,
+                "global_step": state.global_step,
+                "best": {"epoch": state.best_epoch, key: state.best_metric},
+                "history": state.history,
+                "checkpoints": {
+                    "last": str(self.run.folder / "last.pth"),
+                    "best": str(self.run.folder / "best.pth") if state.best_epoch >= 0 else None,
+                },
+            }
+        )
+        self.results.update(
+            {
+                "seconds": round(self.run.seconds(), 1),
+                "model": self.model.config.to_dict(),
+                "configuration": util.plain_args(args),
+            }
+        )
+        (self.run.folder / "results.json").write_text(json.dumps(self.results, indent=2))
+        logger.info("results: %s", self.run.folder / "results.json")
+        return self.results
+
+
+def before_after_table(results: dict, recall_values: list[int]) -> str:
+    """The test split's R@1 (smallest N) of global and reranked retrieval before and after training."""
+    first = f"R@{recall_values[0]}"
+    before, after = results["test_before_training"], results["test"]
+    if before["global"] is None:
+        return "no ground truth on the test split: no before/after table"
+    lines = [f"{'test ' + first:32}{'global':>10}{'reranked':>10}"]
+    for label, values in (("before training", before), ("after training", after)):
+        lines.append(f"{label:32}{values['global'][first]:10.2f}{values['reranked'][first]:10.2f}")
+    return "\n".join(lines)
