@@ -378,7 +378,7 @@ class Trainer:
         while state.round < rounds_per_epoch:
             if state.tuples is None:
                 rng = np.random.default_rng([args.seed, state.epoch, state.round])
-                queries = np.sort(rng.choice(self.splits.train.queries_num, queries_per_round, replace=False))
+                queries = rng.choice(self.splits.train.queries_num, queries_per_round, replace=False)
                 state.tuples = self.miner.mine(
                     queries, rng, self.global_descriptors_of, global_model_frozen=args.train_stage == "reranker"
                 )
