@@ -112,13 +112,24 @@ def _make_toy_world_if_missing(datasets_folder: Path, split: str) -> None:
     """Generate the toy world (default config) under datasets_folder unless a finished one is there already.
 
     A world counts as finished when its manifest exists (the generator writes it last); an existing world made with
-    another config is left alone."""
+    another config is left alone, but one made by an older generator version is made again with its own config
+    (seed included), so that it matches what this version draws."""
     world_folder = datasets_folder / toy_world.TOY_WORLD_NAME
-    if (world_folder / toy_world.MANIFEST_NAME).is_file():
+    manifest = toy_world.read_manifest(world_folder)
+    if manifest is not None and manifest.get("generator_version") == toy_world.GENERATOR_VERSION:
         return
-    logger.info("generating the toy world under %s (needed for split %s)", world_folder, split)
     datasets_folder.mkdir(parents=True, exist_ok=True)
-    toy_world.make_toy_world(datasets_folder)
+    if manifest is None:
+        logger.info("generating the toy world under %s (needed for split %s)", world_folder, split)
+        toy_world.make_toy_world(datasets_folder)
+        return
+    logger.info(
+        "the toy world under %s was made by generator version %s; making it again with version %d",
+        world_folder,
+        manifest.get("generator_version"),
+        toy_world.GENERATOR_VERSION,
+    )
+    toy_world.make_toy_world(datasets_folder, toy_world.config_from_json(manifest["config"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

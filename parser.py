@@ -14,7 +14,7 @@ from pathlib import Path
 
 from model.backbone import BACKBONES, patch_grid
 from model.checkpoint import CheckpointError, open_checkpoint
-from model.network import ModelConfig
+from model.network import INPUT_NORMS, LOCAL_HEAD_INITS, ModelConfig
 from model.reranker import num_regions
 
 logger = logging.getLogger(__name__)
@@ -22,7 +22,14 @@ logger = logging.getLogger(__name__)
 # The model flags' defaults are ModelConfig's (the reference's settings); a preset changes some of them per dataset.
 REFERENCE_PRESET = dict(rerank_top=100, infer_batch_size=32, rerank_batch_size=2)
 TOY_WORLD_PRESET = dict(
-    backbone="deit_micro", resize=(144, 192), local_dim=32, rerank_top=20, infer_batch_size=32, rerank_batch_size=8
+    backbone="deit_micro",
+    resize=(144, 192),
+    local_dim=32,
+    input_norm="per_image",
+    local_head_init="xavier",
+    rerank_top=20,
+    infer_batch_size=32,
+    rerank_batch_size=8,
 )
 PRESETS = {"toy_world": TOY_WORLD_PRESET}
 _DEFAULT_CONFIG = ModelConfig()
@@ -33,6 +40,8 @@ MODEL_DEFAULTS = dict(
     local_dim=_DEFAULT_CONFIG.local_dim,
     num_kept_nodes=None,
     temperature=_DEFAULT_CONFIG.temperature,
+    input_norm=_DEFAULT_CONFIG.input_norm,
+    local_head_init=_DEFAULT_CONFIG.local_head_init,
 )  # None: 5/6 of the grid
 
 
@@ -142,6 +151,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "1000 of 1200 at 480x640)",
     )
     group.add_argument("--temperature", type=_positive_float, default=None, help="graph softmax temperature (0.5)")
+    group.add_argument(
+        "--input_norm",
+        choices=INPUT_NORMS,
+        default=None,
+        help="'imagenet': ImageNet mean/std only (the reference); 'per_image': also standardise each image's "
+        "channels, which removes exposure changes and colour casts. Preset: imagenet; per_image for the toy world",
+    )
+    group.add_argument(
+        "--local_head_init",
+        choices=LOCAL_HEAD_INITS,
+        default=None,
+        help="initialisation of a fresh local_head (ignored when --resume loads one): 'reference' N(0, 0.01), "
+        "'xavier' uniform like the reranker's layers, which starts the graph attention sharp on backbones with "
+        "small tokens (docs/toy_world.md). Preset: reference; xavier for the toy world",
+    )
     group.add_argument(
         "--resume",
         default=None,
@@ -500,6 +524,7 @@ def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, rer
             local_dim=checkpoint_config.local_dim,
             num_kept_nodes=checkpoint_config.num_kept_nodes,
             temperature=checkpoint_config.temperature,
+            input_norm=checkpoint_config.input_norm,
         )
         for name, value in from_checkpoint.items():
             given = getattr(args, name, None)
@@ -541,6 +566,8 @@ def model_config_from_args(args: argparse.Namespace, image_size: tuple[int, int]
         local_dim=args.local_dim,
         num_kept_nodes=args.num_kept_nodes,
         temperature=args.temperature,
+        input_norm=args.input_norm,
+        local_head_init=args.local_head_init,
     )
 
 

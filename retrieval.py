@@ -70,6 +70,24 @@ def first_correct_rank(predictions: np.ndarray, positives: Sequence[np.ndarray])
     return ranks
 
 
+def paired_bootstrap(
+    hits_a: np.ndarray, hits_b: np.ndarray, resamples: int = 10_000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Difference of two recalls on the same queries with its bootstrap confidence interval, in points.
+
+    hits_a, hits_b (Nq,) bool: per query, whether ranking a / b is correct (e.g. a positive at rank 1). Queries are
+    resampled with replacement, the same ones for both rankings (a paired bootstrap), ``resamples`` times. Returns
+    (100 * mean(a - b), lower, upper), the bounds being the (1 - level) / 2 and (1 + level) / 2 quantiles.
+    """
+    if hits_a.shape != hits_b.shape or hits_a.ndim != 1 or not len(hits_a):
+        raise ValueError(f"need two equally long non-empty rows of hits, got {hits_a.shape} and {hits_b.shape}")
+    differences = hits_a.astype(np.float64) - hits_b.astype(np.float64)  # (Nq,) in {-1, 0, 1}
+    samples = np.random.default_rng(seed).integers(len(differences), size=(resamples, len(differences)))
+    means = differences[samples].mean(axis=1)  # (resamples,)
+    lower, upper = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return 100.0 * differences.mean(), 100.0 * lower, 100.0 * upper
+
+
 def fused_scores(probabilities: np.ndarray, squared_distances: np.ndarray, weight: float) -> np.ndarray:
     """(1 - w) * P(same place) + w * (1 + cos) / 2, with cos = 1 - d^2 / 2 for unit descriptors; w = 0 -> P."""
     if weight == 0.0:

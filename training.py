@@ -40,6 +40,7 @@ from model.backbone import patch_grid
 from model.checkpoint import LoadedCheckpoint, load_weights, open_checkpoint, save_model
 from model.network import PRGSNetwork
 from places.index import PlaceIndex
+from retrieval import first_correct_rank, paired_bootstrap
 from visualize import save_training_curves
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class FrozenBackboneCache:
         descriptors, tokens, attention = [], [], []
         for _, out in image_batches(
             model,
-            lambda images: model.backbone.forward_prgs(images, with_local=True),
+            lambda images: model.backbone_outputs(images, with_local=True),
             index,
             range(len(index)),
             image_size,
@@ -276,6 +277,7 @@ class Trainer:
             self._hard_negatives(),
         )
         self.state = self._start_or_resume(checkpoint)
+        self.hits_before: dict[str, np.ndarray] | None = None  # per test query, from --test_before_training
         self.settings = eval_settings(args, self.device)
         self.cache: FrozenBackboneCache | None = None
         self.results: dict = {
@@ -339,7 +341,20 @@ class Trainer:
                 self.model, self.splits.test, self.settings, self.run.folder / "work", with_rerank=self.with_rerank
             )
             self.results["test_before_training"] = recalls_by_name(before)
+            self.hits_before = self._test_hits(before)
             logger.info("test before training (%s):\n%s", self.splits.test.summary(), recalls_table(before))
+
+    def _test_hits(self, evaluation) -> dict[str, np.ndarray] | None:
+        """Per test query, whether global / reranked retrieval has a positive in its first N (N = the smallest
+        --recall_values), or None without ground truth."""
+        positives = self.splits.test.soft_positives_per_query
+        if positives is None:
+            return None
+        n = self.args.recall_values[0]
+        return {
+            "global": first_correct_rank(evaluation.global_predictions, positives) < n,
+            "reranked": first_correct_rank(evaluation.reranked_predictions, positives) < n,
+        }
 
     def train(self) -> str:
         """Epochs until --epochs_num, early stopping or --max_steps; returns which of the three stopped it."""
@@ -553,6 +568,9 @@ class Trainer:
             self.model, self.splits.test, self.settings, self.run.folder / "work", with_rerank=self.with_rerank
         )
         self.results["test"] = recalls_by_name(after)
+        hits_after = self._test_hits(after)
+        if hits_after is not None and self.hits_before is not None:
+            self.results["test_margins"] = test_margins(self.hits_before, hits_after, self.args.recall_values[0])
         test_results = build_results(
             self.args,
             self.args.test_split,
@@ -602,13 +620,46 @@ class Trainer:
         return self.results
 
 
+def test_margins(hits_before: dict[str, np.ndarray], hits_after: dict[str, np.ndarray], n: int) -> dict:
+    """The R@N differences that say whether training the reranker paid off, each with its 95 % paired-bootstrap
+    confidence interval over the test queries: {name: {"points": d, "ci95": [low, high]}} (docs/outputs.md)."""
+    pairs = {
+        f"reranked_minus_global_R@{n}": (hits_after["reranked"], hits_after["global"]),
+        f"reranked_minus_global_before_training_R@{n}": (hits_before["reranked"], hits_before["global"]),
+        f"trained_minus_untrained_reranker_R@{n}": (hits_after["reranked"], hits_before["reranked"]),
+    }
+    margins = {}
+    for name, (hits_a, hits_b) in pairs.items():
+        points, low, high = paired_bootstrap(hits_a, hits_b)
+        margins[name] = {"points": round(points, 2), "ci95": [round(low, 2), round(high, 2)]}
+    return margins
+
+
 def before_after_table(results: dict, recall_values: list[int]) -> str:
-    """The test split's R@1 (smallest N) of global and reranked retrieval before and after training."""
-    first = f"R@{recall_values[0]}"
+    """The test split's R@N (smallest N) of global and reranked retrieval before and after training, with the
+    reranker's margins and their 95 % confidence intervals when results has them."""
+    n = recall_values[0]
+    first = f"R@{n}"
     before, after = results["test_before_training"], results["test"]
     if before["global"] is None:
         return "no ground truth on the test split: no before/after table"
-    lines = [f"{'test ' + first:32}{'global':>10}{'reranked':>10}"]
-    for label, values in (("before training", before), ("after training", after)):
-        lines.append(f"{label:32}{values['global'][first]:10.2f}{values['reranked'][first]:10.2f}")
+    margins = results.get("test_margins", {})
+    lines = [f"{'test ' + first:32}{'global':>10}{'reranked':>10}   reranked - global, 95% CI"]
+    for label, values, key in (
+        ("before training", before, f"reranked_minus_global_before_training_R@{n}"),
+        ("after training", after, f"reranked_minus_global_R@{n}"),
+    ):
+        line = f"{label:32}{values['global'][first]:10.2f}{values['reranked'][first]:10.2f}"
+        if key in margins:
+            line += f"   {_margin_text(margins[key])}"
+        lines.append(line)
+    key = f"trained_minus_untrained_reranker_R@{n}"
+    if key in margins:
+        queries = results["datasets"]["test"]
+        lines.append(f"trained - untrained reranker: {_margin_text(margins[key])} ({queries}; paired bootstrap)")
     return "\n".join(lines)
+
+
+def _margin_text(margin: dict) -> str:
+    low, high = margin["ci95"]
+    return f"{margin['points']:+.2f} [{low:+.2f}, {high:+.2f}]"

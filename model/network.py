@@ -11,6 +11,20 @@ from model.backbone import BACKBONES, build_backbone, patch_grid
 from model.local_features import NODE_PREFIX_DIM, build_nodes, default_num_kept_nodes
 from model.reranker import GraphReranker, match_probability, num_regions
 
+INPUT_NORMS = ("imagenet", "per_image")
+LOCAL_HEAD_INITS = ("reference", "xavier")
+
+
+def standardize_images(images: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """images (B, 3, H, W) -> the same with each image's channels at zero mean and unit variance.
+
+    A change of exposure or a colour cast (a gain and an offset per channel, what the toy world's dusk and night do)
+    leaves the result unchanged, so a backbone trained for minutes does not have to learn that invariance.
+    """
+    flat = images.float().flatten(2)  # (B, 3, H*W)
+    mean, std = flat.mean(-1), flat.std(-1)  # (B, 3) each
+    return (images - mean[..., None, None].to(images.dtype)) / (std[..., None, None].to(images.dtype) + eps)
+
 
 @dataclass
 class ModelConfig:
@@ -23,6 +37,10 @@ class ModelConfig:
     num_kept_nodes: int | None = None  # nodes kept per image; None -> 5/6 of the grid (1000 of 1200)
     temperature: float = 0.5  # graph softmax temperature
     finetune_backbone: bool = False  # let the reranker's gradients reach the backbone through local_head
+    input_norm: str = "imagenet"  # "per_image": also standardise each image's channels (see standardize_images)
+    # a fresh local_head's weights: "reference" N(0, 0.01), or "xavier" uniform like the reranker's own Linears
+    # (docs/toy_world.md: the scale of the node descriptors sets how sharp the graph attention starts)
+    local_head_init: str = "reference"
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -42,6 +60,12 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got {self.input_norm!r}")
+        if self.local_head_init not in LOCAL_HEAD_INITS:
+            raise ValueError(
+                f"local_head_init must be one of {', '.join(LOCAL_HEAD_INITS)}, got {self.local_head_init!r}"
+            )
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -74,13 +98,22 @@ class PRGSNetwork(nn.Module):
         self.config = config
         self.backbone = backbone or build_backbone(config.backbone, config.image_size, config.fc_output_dim)
         self.local_head = nn.Linear(self.backbone.token_dim, config.local_dim)
-        nn.init.normal_(self.local_head.weight, std=0.01)
+        if config.local_head_init == "xavier":
+            nn.init.xavier_uniform_(self.local_head.weight)
+        else:
+            nn.init.normal_(self.local_head.weight, std=0.01)  # the reference's
         nn.init.zeros_(self.local_head.bias)
         self.reranker = GraphReranker(config.node_dim, config.grid, config.temperature)
 
+    def backbone_outputs(self, images: torch.Tensor, with_local: bool = True):
+        """images (B, 3, H, W), ImageNet-normalised -> the backbone's BackboneOutput (after ``config.input_norm``)."""
+        if self.config.input_norm == "per_image":
+            images = standardize_images(images)
+        return self.backbone.forward_prgs(images, with_local=with_local)
+
     def forward(self, images: torch.Tensor, global_only: bool = False):
         """images (B, 3, H, W) -> global (B, D) if ``global_only`` else (global (B, D), local (B, h*w, 3 + f))."""
-        out = self.backbone.forward_prgs(images, with_local=not global_only)
+        out = self.backbone_outputs(images, with_local=not global_only)
         if global_only:
             return out.global_descriptor
         return out.global_descriptor, self.local_nodes(out.tokens, out.attention, tuple(images.shape[-2:]))

@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 TOY_WORLD_NAME = "toy_world"
 MANIFEST_NAME = "toy_world.json"
-GENERATOR_VERSION = 1  # bump whenever the same config starts to give other files: old worlds then get rebuilt
+GENERATOR_VERSION = 2  # bump whenever the same config starts to give other files: old worlds then get rebuilt
 SPLITS = ("train", "val", "test")
 LIGHTINGS = ("day", "dusk", "night")
 
@@ -70,8 +70,8 @@ SKY_HORIZON_RGB = (196, 218, 238)
 ROAD_RGB = (72, 72, 78)
 PAVEMENT_RGB = (158, 156, 150)
 # Per-channel gains and the strength of lit windows for each lighting.
-LIGHTING_GAINS = {"day": (1.0, 1.0, 1.0), "dusk": (0.78, 0.6, 0.5), "night": (0.24, 0.27, 0.42)}
-LIT_WINDOW_STRENGTH = {"day": 0.0, "dusk": 0.45, "night": 0.85}
+LIGHTING_GAINS = {"day": (1.0, 1.0, 1.0), "dusk": (0.85, 0.7, 0.6), "night": (0.36, 0.38, 0.52)}
+LIT_WINDOW_STRENGTH = {"day": 0.0, "dusk": 0.4, "night": 0.7}
 LIT_WINDOW_RGB = (255, 206, 120)
 QUERY_TIMESTAMPS = {"day": "20250314T1100", "dusk": "20250314T1930", "night": "20250314T2300"}
 DATABASE_TIMESTAMP = "20240615T1200"
@@ -105,6 +105,7 @@ SIGN_PALETTE = (
     (240, 90, 160),
 )
 CROWN_PALETTE = ((54, 110, 48), (78, 128, 56), (40, 90, 52), (98, 140, 70))
+OCCLUDER_PALETTE = ((200, 30, 30), (30, 60, 160), (230, 230, 230), (30, 30, 30), (120, 120, 128), (230, 190, 30))
 
 
 @dataclass(frozen=True)
@@ -127,9 +128,9 @@ class ToyWorldConfig:
     image_size: tuple[int, int] = (144, 192)  # (H, W), 4:3 like MSLS / Pitts30k at 480x640; the toy preset's input
     jpeg_quality: int = 80
     # a larger training split than the others: the reranker needs many places to learn local matching that transfers
-    train: SplitSpec = SplitSpec(12, 567.0, 60, 16, 500_000.0, 5_030_000.0)
-    val: SplitSpec = SplitSpec(2, 540.0, 30, 3, 510_000.0, 5_030_000.0)
-    test: SplitSpec = SplitSpec(2, 630.0, 36, 3, 520_000.0, 5_030_000.0)
+    train: SplitSpec = SplitSpec(12, 567.0, 60, 28, 500_000.0, 5_030_000.0)
+    val: SplitSpec = SplitSpec(3, 486.0, 70, 6, 510_000.0, 5_030_000.0)
+    test: SplitSpec = SplitSpec(3, 567.0, 100, 7, 520_000.0, 5_030_000.0)
     lane_spacing_m: float = 600.0  # north offset between the starts of neighbouring routes
     route_segment_length_m: float = 150.0  # a route bends every this many metres
     max_route_bend_deg: float = 15.0  # each segment's direction is within this of due east
@@ -147,6 +148,8 @@ class ToyWorldConfig:
     noise_sigma_range: tuple[float, float] = (2.0, 6.0)  # Gaussian sensor noise, in 0-255 units
     blur_probability: float = 0.3
     blur_radius_px: float = 0.7  # box blur
+    occlusion_probability: float = 0.5  # a query has parked vehicles or pedestrians in front of the facade
+    max_occluders: int = 2
     utm_zone_number: int = 32
     utm_zone_letter: str = "T"
 
@@ -776,6 +779,8 @@ def render_query_image(
     height, width = config.image_size
     box = crop_box(config, view)
     image = strip.resize((width, height), Image.Resampling.BILINEAR, box=box)
+    if rng.random() < config.occlusion_probability:
+        draw_occluders(ImageDraw.Draw(image), rng, (height, width), int(rng.integers(1, config.max_occluders + 1)))
     if rng.random() < config.blur_probability:
         image = image.filter(ImageFilter.BoxBlur(config.blur_radius_px))
     exposure = rng.uniform(*config.exposure_range)
@@ -787,6 +792,35 @@ def render_query_image(
         lit_rgb = tuple(min(255, round(channel * exposure)) for channel in LIT_WINDOW_RGB)
         image = Image.composite(Image.new("RGB", image.size, lit_rgb), image, lit_weight)
     return add_sensor_noise(image, rng.uniform(*config.noise_sigma_range), rng)
+
+
+def draw_occluders(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: tuple[int, int], count: int) -> None:
+    """`count` occluders near the camera, in image pixels of `size` (H, W): parked vehicles (a body, a cabin with
+    windows, two wheels) or pedestrians, standing at the bottom of the view in front of the ground floor."""
+    height, width = size
+    for _ in range(count):
+        colour = jitter_colour(rng, pick(rng, OCCLUDER_PALETTE), 20)
+        centre_x = rng.uniform(0.0, width)
+        if rng.random() < 0.6:  # a vehicle
+            half_width, bottom = rng.uniform(0.11, 0.2) * width, rng.uniform(0.93, 1.0) * height
+            body_top = bottom - rng.uniform(0.13, 0.2) * height
+            cabin_half, cabin_top = half_width * rng.uniform(0.55, 0.8), body_top - rng.uniform(0.08, 0.12) * height
+            draw.rectangle([centre_x - cabin_half, cabin_top, centre_x + cabin_half, body_top], fill=colour)
+            draw.rectangle(
+                [centre_x - 0.85 * cabin_half, cabin_top + 2, centre_x + 0.85 * cabin_half, body_top - 1],
+                fill=(40, 48, 58),
+            )
+            body_bottom = bottom - 0.03 * height
+            draw.rectangle([centre_x - half_width, body_top, centre_x + half_width, body_bottom], fill=colour)
+            radius = 0.045 * height
+            for wheel_x in (centre_x - 0.65 * half_width, centre_x + 0.65 * half_width):
+                draw.ellipse([wheel_x - radius, bottom - 2 * radius, wheel_x + radius, bottom], fill=(20, 20, 22))
+        else:  # a pedestrian
+            half_width, bottom = rng.uniform(0.015, 0.025) * width, rng.uniform(0.86, 0.97) * height
+            top = bottom - rng.uniform(0.2, 0.3) * height
+            head = 1.2 * half_width
+            draw.ellipse([centre_x - head, top, centre_x + head, top + 2 * head], fill=(224, 182, 150))
+            draw.rectangle([centre_x - half_width, top + 2 * head, centre_x + half_width, bottom], fill=colour)
 
 
 def channel_gain_table(gains: tuple[float, float, float], exposure: float) -> list[int]:
@@ -851,6 +885,22 @@ def expected_counts(config: ToyWorldConfig) -> dict[str, dict[str, int]]:
 def config_as_json(config: ToyWorldConfig) -> dict:
     """`config` as plain JSON data (tuples become lists), the form the manifest stores and compares."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_json(data: dict) -> ToyWorldConfig:
+    """The ToyWorldConfig stored in a manifest (the inverse of config_as_json); parameters that the manifest's
+    generator version did not have take their defaults."""
+    known = {field.name: field for field in dataclasses.fields(ToyWorldConfig)}
+    values = {}
+    for name, value in data.items():
+        if name not in known:
+            continue  # a parameter an older version had and this one dropped
+        if name in SPLITS:
+            value = SplitSpec(**value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return ToyWorldConfig(**values)
 
 
 def read_manifest(world_folder: str | Path) -> dict | None:
