@@ -1,5 +1,6 @@
-"""The datasets the scripts load: a split by name (VG-benchmark folder, native MSLS, or the built-in toy world,
-generated on first use) and the two torch datasets over it, every image of a split and the training tuples.
+"""The datasets the scripts load: a split by name (VG-benchmark folder, native MSLS, the built-in toy world generated
+on first use, or two plain folders of photos) and the two torch datasets over it, every image of a split and the
+training tuples.
 
 Index space of a split, as in the VG benchmark: [database 0..Nd-1, queries Nd..Nd+Nq-1]. The readers themselves
 live in the ``places`` package.
@@ -16,6 +17,7 @@ import torch
 import torch.utils.data
 
 from places import toy_world
+from places.folders import FOLDERS_NAME, build_folder_split
 from places.images import checked_image_size, find_unreadable_images, load_image
 from places.index import PlaceIndex
 from places.msls import build_msls_split
@@ -56,9 +58,13 @@ def load_split(
     skip_bad_images: bool = False,
     num_workers: int = 0,
     msls_cache_dir: str | Path | None = None,
+    database_folder: str | Path | None = None,
+    queries_folder: str | Path | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> PlaceIndex:
-    """PlaceIndex of one split: "msls" is native Mapillary SLS, "toy_world" is generated on first use, any other
-    name is a VG-format folder.
+    """PlaceIndex of one split: "msls" is native Mapillary SLS, "toy_world" is generated on first use, "folders" is
+    every image under database_folder and queries_folder (datasets_folder and split are not used; image_size, the
+    network input, only serves a warning about photo orientation), any other name is a VG-format folder.
 
     skip_bad_images: decode every image first (num_workers DataLoader workers) and leave the unreadable ones out,
     logged and listed in `excluded`. Without it nothing is scanned, and an unreadable image raises BadImageError
@@ -72,6 +78,8 @@ def load_split(
         train_positive_dist_threshold=train_positive_dist_threshold,
         msls_cache_dir=msls_cache_dir,
     )
+    if dataset_name == FOLDERS_NAME:
+        settings.update(database_folder=database_folder, queries_folder=queries_folder, image_size=image_size)
     index = build_split(datasets_folder, dataset_name, split, **settings)
     if skip_bad_images:
         unreadable = find_unreadable_images(index.absolute_paths(), num_workers=num_workers)
@@ -98,11 +106,25 @@ def build_split(
     positive_dist_threshold: float = 25.0,
     train_positive_dist_threshold: float = 10.0,
     msls_cache_dir: str | Path | None = None,
+    database_folder: str | Path | None = None,
+    queries_folder: str | Path | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> PlaceIndex:
-    """msls.build_msls_split for "msls", build_vg_split for every other dataset name."""
+    """msls.build_msls_split for "msls", folders.build_folder_split for "folders", build_vg_split for every other
+    dataset name."""
     thresholds = dict(
         positive_dist_threshold=positive_dist_threshold, train_positive_dist_threshold=train_positive_dist_threshold
     )
+    if dataset_name == FOLDERS_NAME:
+        if database_folder is None or queries_folder is None:
+            raise ValueError(f"dataset '{FOLDERS_NAME}' needs database_folder and queries_folder")
+        return build_folder_split(
+            database_folder,
+            queries_folder,
+            positive_dist_threshold=positive_dist_threshold,
+            exclude=exclude,
+            image_size=image_size,
+        )
     if dataset_name == "msls":
         return build_msls_split(datasets_folder, split, exclude=exclude, cache_dir=msls_cache_dir, **thresholds)
     return build_vg_split(datasets_folder, dataset_name, split, exclude=exclude, **thresholds)

@@ -1,5 +1,5 @@
-"""Image files: decoding to RGB with errors that name the file, the preprocessing the network expects, and the scan
-for unreadable images behind --skip_bad_images."""
+"""Image files: decoding to RGB (EXIF orientation applied) with errors that name the file, the preprocessing the
+network expects, and the scan for unreadable images behind --skip_bad_images."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.utils.data
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from util import PRGSError
@@ -27,10 +27,13 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 
 
 def open_rgb_image(path: str | Path) -> Image.Image:
-    """The fully decoded RGB image at path; BadImageError naming the file on any decode error."""
+    """The fully decoded RGB image at path, upright: the EXIF orientation tag is applied (cameras store a portrait
+    photo as a rotated landscape one plus that tag). BadImageError naming the file on any decode error."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")  # convert() decodes every pixel, so truncated files fail here
+            rgb = image.convert("RGB")  # convert() decodes every pixel, so truncated files fail here
+        ImageOps.exif_transpose(rgb, in_place=True)  # no-op without an orientation tag (VG, MSLS, the toy world)
+        return rgb
     except _DECODE_ERRORS as error:
         raise BadImageError(
             f"cannot decode image {path}: {_describe(error)}; pass --skip_bad_images to leave unreadable images out"
@@ -38,9 +41,14 @@ def open_rgb_image(path: str | Path) -> Image.Image:
 
 
 def load_image(path: str | Path, image_size: tuple[int, int] | None) -> torch.Tensor:
-    """(3, H, W) float32 tensor: RGB, PIL bilinear resize to image_size=(H, W) if given and different,
-    then ImageNet normalisation. The same preprocessing serves training and evaluation."""
-    image = open_rgb_image(path)
+    """(3, H, W) float32 tensor: ``image_tensor`` of the upright RGB image at path. The same preprocessing serves
+    training and evaluation."""
+    return image_tensor(open_rgb_image(path), image_size)
+
+
+def image_tensor(image: Image.Image, image_size: tuple[int, int] | None) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32: PIL bilinear resize to image_size=(H, W) if given and different (the
+    aspect ratio is not kept: every image of a split becomes H x W), then ImageNet normalisation."""
     if image_size is not None:
         height, width = checked_image_size(image_size)
         if image.size != (width, height):

@@ -1,6 +1,6 @@
 """The place index: one split of a dataset as database images then queries in one index space
-[database 0..Nd-1, queries Nd..Nd+Nq-1], with ground-truth positives by radius. The leaf of the dataset code:
-every reader (VG folders, MSLS, the toy world) builds one."""
+[database 0..Nd-1, queries Nd..Nd+Nq-1], with ground-truth positives by radius, and the UTM coordinates of VG-format
+file names. The leaf of the dataset code: every reader (VG folders, MSLS, the toy world, plain folders) builds one."""
 
 from __future__ import annotations
 
@@ -110,6 +110,37 @@ class PlaceIndex:
 
     __repr__ = summary
     __str__ = summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Coordinates in VG-format file names (VG folders and plain folders of photos read them)
+# ----------------------------------------------------------------------------------------------------------------
+
+VG_FILE_NAME_PATTERN = "@UTM_east@UTM_north@UTM_zone_number@UTM_zone_letter@lat@lon@...@.jpg"
+
+
+def utm_from_filename(path: str | Path) -> tuple[float, float]:
+    """(UTM east, UTM north) in metres from a VG-format file name '@east@north@...@.jpg'.
+
+    Only the base name is parsed, so an '@' in a parent folder does not matter.
+    """
+    name = Path(path).name
+    fields = name.split("@")
+    if len(fields) < 3:
+        raise DatasetError(
+            f"cannot read UTM coordinates from file name {path}: expected the pattern "
+            f"'{VG_FILE_NAME_PATTERN}', found {len(fields) - 1} '@' in '{name}'"
+        )
+    try:
+        east, north = float(fields[1]), float(fields[2])
+    except ValueError:
+        raise DatasetError(
+            f"cannot read UTM coordinates from file name {path}: expected numbers in the first two "
+            f"fields of '{VG_FILE_NAME_PATTERN}', found '{fields[1]}' and '{fields[2]}'"
+        ) from None
+    if not (np.isfinite(east) and np.isfinite(north)):
+        raise DatasetError(f"UTM coordinates in file name {path} are not finite: east={east}, north={north}")
+    return east, north
 
 
 # ----------------------------------------------------------------------------------------------------------------

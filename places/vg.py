@@ -11,40 +11,17 @@ from pathlib import Path
 import numpy as np
 
 from places.index import (
+    VG_FILE_NAME_PATTERN,
     DatasetError,
     PlaceIndex,
     drop_queries_without_positives,
     positives_within_radius,
+    utm_from_filename,
     without_images,
 )
 
 VG_SPLITS = ("train", "val", "test")
-VG_FILE_NAME_PATTERN = "@UTM_east@UTM_north@UTM_zone_number@UTM_zone_letter@lat@lon@...@.jpg"
 VG_LAYOUT = "<datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg"
-
-
-def utm_from_filename(path: str | Path) -> tuple[float, float]:
-    """(UTM east, UTM north) in metres from a VG-format file name '@east@north@...@.jpg'.
-
-    Only the base name is parsed, so an '@' in a parent folder does not matter.
-    """
-    name = Path(path).name
-    fields = name.split("@")
-    if len(fields) < 3:
-        raise DatasetError(
-            f"cannot read UTM coordinates from file name {path}: expected the pattern "
-            f"'{VG_FILE_NAME_PATTERN}', found {len(fields) - 1} '@' in '{name}'"
-        )
-    try:
-        east, north = float(fields[1]), float(fields[2])
-    except ValueError:
-        raise DatasetError(
-            f"cannot read UTM coordinates from file name {path}: expected numbers in the first two "
-            f"fields of '{VG_FILE_NAME_PATTERN}', found '{fields[1]}' and '{fields[2]}'"
-        ) from None
-    if not (np.isfinite(east) and np.isfinite(north)):
-        raise DatasetError(f"UTM coordinates in file name {path} are not finite: east={east}, north={north}")
-    return east, north
 
 
 def build_vg_split(
