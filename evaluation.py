@@ -20,17 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.utils.data
+from PIL import Image
 from tqdm import tqdm
 
 import util
 from extraction import image_batches
 from feature_store import REFERENCE_BYTES_PER_IMAGE, LocalFeatureStore
 from model.backbone import patch_grid
+from model.correspondences import cross_graph_attention, stage_node_boxes
 from model.network import PRGSNetwork
+from model.reranker import stage_grids
+from places.images import image_tensor, open_rgb_image
 from places.index import PlaceIndex
 from places.msls import msls_map_at_k, write_msls_submission
 from retrieval import clamp_top_k, exact_knn, faiss_uses_gpu, first_correct_rank, fused_scores, recall_at_n
-from visualize import save_prediction_picture
+from visualize import RerankedCandidate, save_prediction_picture, save_rerank_picture
 
 logger = logging.getLogger(__name__)
 
@@ -266,28 +270,108 @@ def write_predictions_csv(path: Path, index: PlaceIndex, evaluation: Evaluation)
                 )
 
 
-def save_prediction_pictures(
-    folder: Path, index: PlaceIndex, evaluation: Evaluation, num_preds: int, only_wrong: bool
-) -> int:
-    """A PNG per query (or per query whose reranked top-1 is wrong): global and reranked top-N. Returns count."""
-    folder.mkdir(parents=True, exist_ok=True)
+def pictured_queries(index: PlaceIndex, evaluation: Evaluation, count: int, only_wrong: bool) -> np.ndarray:
+    """The queries that get pictures: every query (count 0) or ``count`` of them spread evenly over the split, among
+    those whose reranked top-1 is wrong when ``only_wrong`` (and the split has ground truth)."""
+    queries = np.arange(index.queries_num)
     positives = index.soft_positives_per_query
-    saved = 0
-    for query in tqdm(range(index.queries_num), desc="saving pictures", unit="query", leave=False):
+    if only_wrong and positives is not None:
+        top1 = evaluation.reranked_predictions[:, 0]
+        queries = np.array([q for q in queries if top1[q] not in positives[q]], dtype=np.int64)
+    if 0 < count < len(queries):
+        queries = queries[np.unique(np.linspace(0, len(queries) - 1, count).round().astype(np.int64))]
+    return queries
+
+
+def _correct(index: PlaceIndex, query: int, database_ids: np.ndarray) -> list[bool | None]:
+    """Whether each database image is a positive of the query; None each without ground truth."""
+    if index.soft_positives_per_query is None:
+        return [None] * len(database_ids)
+    return np.isin(database_ids, index.soft_positives_per_query[query]).tolist()
+
+
+def _picture_name(index: PlaceIndex, query: int) -> str:
+    return f"{query:05d}_{Path(index.queries_paths[query]).stem[:60]}.png"
+
+
+def save_prediction_pictures(
+    folder: Path, index: PlaceIndex, evaluation: Evaluation, num_preds: int, queries: np.ndarray
+) -> int:
+    """A PNG per query of ``queries``: global and reranked top-N. Returns the count."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for query in tqdm(queries, desc="saving pictures", unit="query", leave=False):
         rows = []
         for label, predictions in (
             ("global", evaluation.global_predictions),
             ("reranked", evaluation.reranked_predictions),
         ):
             top = predictions[query, :num_preds]
-            correct = np.isin(top, positives[query]) if positives is not None else np.zeros(len(top), bool)
-            rows.append((label, [index.root / index.database_paths[i] for i in top], correct.tolist()))
-        if only_wrong and positives is not None and rows[1][2][0]:
-            continue
-        name = f"{query:05d}_{Path(index.queries_paths[query]).stem[:60]}.png"
-        save_prediction_picture(folder / name, index.root / index.queries_paths[query], rows)
-        saved += 1
-    return saved
+            rows.append((label, [index.root / index.database_paths[i] for i in top], _correct(index, query, top)))
+        save_prediction_picture(folder / _picture_name(index, query), index.root / index.queries_paths[query], rows)
+    return len(queries)
+
+
+RERANK_PICTURE_STAGE = 1  # the first Patch-to-Region stage: 3x3 regions that tile the image
+
+
+def save_rerank_pictures(
+    folder: Path,
+    model: PRGSNetwork,
+    index: PlaceIndex,
+    evaluation: Evaluation,
+    settings: EvalSettings,
+    queries: np.ndarray,
+    num_candidates: int,
+) -> int:
+    """A PNG per query of ``queries`` (visualize.save_rerank_picture): its reranked top ``num_candidates`` with the
+    region pairs the stage-1 cross graph matched and each candidate's global and reranked rank. Returns the count."""
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = patch_grid(settings.image_size)
+    boxes = stage_node_boxes(grid, model.backbone.patch_size)[RERANK_PICTURE_STAGE].numpy()  # (L_s, 4)
+    region_grid = stage_grids(grid)["region"]
+    top = min(num_candidates, evaluation.rerank_top)
+    for query in tqdm(queries, desc="saving reranking pictures", unit="query", leave=False):
+        query = int(query)
+        candidates = evaluation.reranked_predictions[query, :top]
+        images, attention = _cross_attention_of(model, index, query, candidates, settings)
+        global_ranks = [int(np.flatnonzero(evaluation.global_predictions[query] == c)[0]) + 1 for c in candidates]
+        shown = [
+            RerankedCandidate(
+                images[1 + rank],
+                attention[rank],
+                f"reranked #{rank + 1} (global #{global_ranks[rank]}), score "
+                f"{evaluation.rerank_scores[query, rank]:.3f}, {_verdict(correct)}",
+                correct,
+            )
+            for rank, correct in enumerate(_correct(index, query, candidates))
+        ]
+        name = Path(index.queries_paths[query]).name
+        name = name if len(name) <= 60 else name[:57] + "..."
+        heading = f"query {name}: stage-{RERANK_PICTURE_STAGE} cross-graph matches"
+        path = folder / _picture_name(index, query)
+        save_rerank_picture(path, images[0], shown, boxes, region_grid[0] * region_grid[1], heading)
+    return len(queries)
+
+
+def _cross_attention_of(
+    model: PRGSNetwork, index: PlaceIndex, query: int, candidates: np.ndarray, settings: EvalSettings
+) -> tuple[list[Image.Image], np.ndarray]:
+    """The query and candidate images at the input size, and the attention (K, L_s, L_s) of the picture's cross
+    graph with the candidates as one group. Local features are recomputed from the images in float32 (the evaluation
+    read float16 ones from its store), so weights can differ from the evaluation's in the last digits."""
+    paths = [index.absolute_path(index.database_num + query)] + [index.absolute_path(int(c)) for c in candidates]
+    images = [open_rgb_image(path).resize(settings.image_size[::-1], Image.BILINEAR) for path in paths]
+    batch = torch.stack([image_tensor(image, None) for image in images]).to(settings.device)  # (1+K, 3, H, W)
+    model.eval()
+    with torch.inference_mode():
+        _, nodes = model(batch)  # (1+K, L, C)
+        grid = patch_grid(settings.image_size)
+        _, attention = cross_graph_attention(model.reranker, nodes[None], grid, stages=(RERANK_PICTURE_STAGE,))
+    return images, attention[RERANK_PICTURE_STAGE][0].float().cpu().numpy()  # (K, L_s, L_s)
+
+
+def _verdict(correct: bool | None) -> str:
+    return "no ground truth" if correct is None else "correct" if correct else "wrong"
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
@@ -392,8 +476,9 @@ def write_outputs(args, output_folder: Path, index: PlaceIndex, evaluation: Eval
             "reranked": "msls_submission_reranked.txt",
         }
     if args.num_preds_to_save > 0:
+        queries = pictured_queries(index, evaluation, args.num_queries_to_save, args.save_only_wrong_preds)
         saved = save_prediction_pictures(
-            output_folder / "predictions", index, evaluation, args.num_preds_to_save, args.save_only_wrong_preds
+            output_folder / "predictions", index, evaluation, args.num_preds_to_save, queries
         )
         logger.info("saved %d prediction pictures in %s", saved, output_folder / "predictions")
     (output_folder / "results.json").write_text(json.dumps(results, indent=2))

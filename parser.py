@@ -16,6 +16,7 @@ from model.backbone import BACKBONES, patch_grid
 from model.checkpoint import CheckpointError, open_checkpoint
 from model.network import ModelConfig
 from model.reranker import num_regions
+from places.folders import FOLDERS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -230,12 +231,44 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         type=_non_negative_int,
         default=0,
         help="if > 0, save a PNG per query with the query beside its top N global and reranked "
-        "predictions (correct ones framed green, wrong ones red)",
+        "predictions (correct ones framed green, wrong ones red, all light grey without ground truth)",
     )
     group.add_argument(
         "--save_only_wrong_preds",
         action="store_true",
-        help="with --num_preds_to_save: only the queries whose reranked top-1 is wrong",
+        help="pictures only for the queries whose reranked top-1 is wrong",
+    )
+    group.add_argument(
+        "--num_queries_to_save",
+        type=_non_negative_int,
+        default=0,
+        help="pictures (--num_preds_to_save, and test.py's --rerank_pictures) for this many queries, spread "
+        "evenly over the split; 0: every query",
+    )
+
+
+def add_folders_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "your own photos (docs/own_photos.md): two plain folders instead of --datasets_folder/--dataset_name"
+    )
+    group.add_argument(
+        "--database_folder",
+        default=None,
+        help="folder of database photos (searched recursively; jpg, png, bmp, tif, webp). Ground truth comes from "
+        "VG-format file names or EXIF GPS when every photo has one, else there are no recalls",
+    )
+    group.add_argument("--queries_folder", default=None, help="folder of query photos (needs --database_folder)")
+
+
+def add_rerank_picture_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pictures of the reranking")
+    group.add_argument(
+        "--rerank_pictures",
+        type=_non_negative_int,
+        default=0,
+        help="if > 0, save a PNG per pictured query (see --num_queries_to_save) showing its reranked top N beside "
+        "the query: the region pairs the stage-1 cross graph matched, regions shaded by attention, and each "
+        "candidate's global and reranked rank (docs/outputs.md)",
     )
 
 
@@ -247,7 +280,8 @@ def test_parser() -> argparse.ArgumentParser:
         "rerank them with the patch-to-region graph reranker, report recall@N.",
         epilog="Examples:\n  python test.py                          # the built-in toy world\n"
         "  python test.py --dataset_name pitts30k --datasets_folder /data --resume ckpt.pth\n"
-        "  python test.py --dataset_name msls --split val --datasets_folder /data --resume msls_prgs.pt",
+        "  python test.py --dataset_name msls --split val --datasets_folder /data --resume msls_prgs.pt\n"
+        "  python test.py --database_folder photos/db --queries_folder photos/q --resume ckpt.pth --rerank_pictures 3",
     )
     add_data_args(parser)
     parser.add_argument(
@@ -256,9 +290,11 @@ def test_parser() -> argparse.ArgumentParser:
         default="test",
         help="split to evaluate (MSLS: 'val' gives recalls, 'test' writes the challenge submission)",
     )
+    add_folders_args(parser)
     add_model_args(parser)
     add_runtime_args(parser, save_dir="test")
     add_eval_args(parser)
+    add_rerank_picture_args(parser)
     return parser
 
 
@@ -468,6 +504,12 @@ def parse_mining_args(argv: list[str] | None = None) -> argparse.Namespace:
 def parse_test_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = test_parser()
     args = parser.parse_args(argv)
+    if (args.database_folder is None) != (args.queries_folder is None):
+        parser.error("--database_folder and --queries_folder go together: give both or neither")
+    if args.database_folder is not None:
+        if args.dataset_name not in (parser.get_default("dataset_name"), FOLDERS_NAME):
+            parser.error(f"--database_folder/--queries_folder replace --dataset_name (got {args.dataset_name})")
+        args.dataset_name = FOLDERS_NAME
     apply_presets(args, parser)
     return args
 
@@ -554,6 +596,8 @@ def split_options(args: argparse.Namespace) -> dict:
     )
     if hasattr(args, "train_positives_dist_threshold"):
         options["train_positive_dist_threshold"] = args.train_positives_dist_threshold
+    if args.dataset_name == FOLDERS_NAME:
+        options.update(database_folder=args.database_folder, queries_folder=args.queries_folder, image_size=args.resize)
     return options
 
 

@@ -2,9 +2,10 @@
 
     python3 test.py                       # the built-in toy world (generated on first use)
     python3 test.py --dataset_name msls --split val --datasets_folder /data --resume resume/msls_train_prgs.pt
+    python3 test.py --database_folder my/database --queries_folder my/queries --resume best.pth   # your photos
 
 Outputs go to logs/<save_dir>/<timestamp>/ (docs/outputs.md): info.log, debug.log, results.json, predictions.csv,
-and with --num_preds_to_save pictures of the predictions.
+with --num_preds_to_save pictures of the predictions, and with --rerank_pictures pictures of the reranking.
 """
 
 from __future__ import annotations
@@ -13,9 +14,18 @@ import logging
 
 import util
 from datasets_ws import load_split
-from evaluation import build_results, eval_settings, evaluate, recalls_table, write_outputs
+from evaluation import (
+    build_results,
+    eval_settings,
+    evaluate,
+    pictured_queries,
+    recalls_table,
+    save_rerank_pictures,
+    write_outputs,
+)
 from model.checkpoint import build_model
 from parser import model_options, parse_test_args, split_options
+from places.folders import FOLDERS_NAME
 from retrieval import faiss_uses_gpu
 
 logger = logging.getLogger(__name__)
@@ -42,9 +52,17 @@ def main(argv: list[str] | None = None) -> dict:
         run.device,
         " (faiss on GPU)" if faiss_uses_gpu(run.device) else "",
     )
-    evaluation = evaluate(model, index, eval_settings(args, run.device), run.folder)
-    results = build_results(args, args.split, index, model, checkpoint, evaluation, run.device, run.seconds())
+    settings = eval_settings(args, run.device)
+    evaluation = evaluate(model, index, settings, run.folder)
+    split = None if args.dataset_name == FOLDERS_NAME else args.split
+    results = build_results(args, split, index, model, checkpoint, evaluation, run.device, run.seconds())
     write_outputs(args, run.folder, index, evaluation, results)
+    if args.rerank_pictures > 0:
+        queries = pictured_queries(index, evaluation, args.num_queries_to_save, args.save_only_wrong_preds)
+        saved = save_rerank_pictures(
+            run.folder / "reranking", model, index, evaluation, settings, queries, args.rerank_pictures
+        )
+        logger.info("saved %d reranking pictures in %s", saved, run.folder / "reranking")
     logger.info("%s\n%s", index.summary(), recalls_table(evaluation))
     logger.info("results: %s", run.folder / "results.json")
     return results
