@@ -74,6 +74,8 @@ class PRGS(nn.Module):
     def describe(self, images: Sequence[ImageInput] | torch.Tensor, batch_size: int = 32) -> Description:
         """Global descriptors and local features of images: paths, PIL images, or a preprocessed (B, 3, H, W) batch.
         Results are float32 on the CPU; batches of batch_size images run on the module's device."""
+        if len(images) == 0:
+            raise ValueError("describe() got no images")
         descriptors, local = [], []
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]

@@ -15,6 +15,7 @@ afterwards. One consequence: ``torch.save(model)`` (pickling the whole module) f
 import contextlib as _contextlib
 import sys as _sys
 from pathlib import Path as _Path
+from urllib.parse import urlparse as _urlparse
 
 import torch as _torch
 
@@ -51,7 +52,8 @@ def _local_weights(weights):
     """A local path for weights: the path itself, or a URL's file downloaded once into torch.hub's cache."""
     if weights is None or not str(weights).startswith(_URL_SCHEMES):
         return weights
-    target = _Path(_torch.hub.get_dir()) / "checkpoints" / str(weights).rstrip("/").rsplit("/", 1)[-1]
+    name = _Path(_urlparse(str(weights)).path).name or "prgs_weights.pth"  # the file name, without ?query
+    target = _Path(_torch.hub.get_dir()) / "checkpoints" / name
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         _torch.hub.download_url_to_file(str(weights), str(target), progress=True)

@@ -5,6 +5,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +16,7 @@ import utm
 from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
 
+import evaluation
 import test as test_script
 from datasets_ws import load_split
 from places.folders import build_folder_split, exif_gps_degrees, read_photo_info, vg_name_coordinates
@@ -135,7 +137,14 @@ def test_photos_without_coordinates_give_predictions_and_pictures_only(
     assert light_grey_frame == (200, 200, 200)  # unknown: neither correct (green) nor wrong (red)
 
 
-def test_rerank_pictures_on_the_toy_world_name_the_rank_change(small_toy_world, trained_toy_checkpoint, tmp_path):
+def test_rerank_pictures_on_the_toy_world_name_the_rank_change(
+    small_toy_world, trained_toy_checkpoint, tmp_path, monkeypatch
+):
+    drawn = []
+    draw = evaluation.save_rerank_picture
+    monkeypatch.setattr(
+        evaluation, "save_rerank_picture", lambda path, *args: (drawn.append((path, args[1])), draw(path, *args))
+    )
     results = test_script.main(
         [
             "--datasets_folder",
@@ -157,6 +166,17 @@ def test_rerank_pictures_on_the_toy_world_name_the_rank_change(small_toy_world, 
     with Image.open(pictures[0]) as picture:
         query_width = 192 * 240 // 144 + 10
         assert picture.width == 2 * query_width + 40 and picture.height == 16 + 3 * (16 + 250 + 6)
+    with open(tmp_path / "run" / "predictions.csv") as file:
+        rows = {(row["query_index"], row["ranking"]): row["database_paths"].split("|") for row in csv.DictReader(file)}
+    assert [path.name for path, _ in drawn] == [p.name for p in pictures]
+    for path, candidates in drawn:
+        query = str(int(path.name[:5]))
+        global_order, reranked_order = rows[(query, "global")], rows[(query, "reranked")]
+        for rank, candidate in enumerate(candidates):
+            global_rank = global_order.index(reranked_order[rank]) + 1
+            assert re.match(rf"reranked #{rank + 1} \(global #{global_rank}\), score [01]\.\d{{3}}, ", candidate.title)
+            assert candidate.title.endswith(("correct", "wrong")) and candidate.correct is not None
+            assert candidate.attention.shape == (30, 30)
 
 
 # ----------------------------------------------------------------------------------------------------------------
