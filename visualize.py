@@ -1,4 +1,5 @@
-"""Pictures: a query beside its top predictions (correct framed green, wrong red), and training curves."""
+"""Pictures: a query beside its top predictions (correct framed green, wrong red), and training curves; both
+written atomically."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
+
+from util import atomic_write
 
 THUMBNAIL_HEIGHT = 160
 BORDER = 5
@@ -45,7 +48,7 @@ def save_prediction_picture(
             canvas.paste(tile, (x, y + LABEL_HEIGHT))
             x += tile.width + GAP
         y += tile_height + LABEL_HEIGHT + GAP
-    canvas.save(path)
+    atomic_write(path, lambda file: canvas.save(file, format="PNG"))
 
 
 def save_training_curves(
@@ -68,5 +71,5 @@ def save_training_curves(
     for axis in (loss_axis, recall_axis):
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
     plt.close(figure)
