@@ -18,7 +18,7 @@ import torch.utils.data
 
 from places import toy_world
 from places.folders import FOLDERS_NAME, build_folder_split
-from places.images import checked_image_size, find_unreadable_images, load_image
+from places.images import PREPROCESSINGS, checked_image_size, find_unreadable_images, load_image
 from places.index import PlaceIndex
 from places.msls import build_msls_split
 from places.vg import build_vg_split
@@ -27,20 +27,24 @@ logger = logging.getLogger(__name__)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Every image of a split, database first: item i is (image (3, H, W) float32, i)."""
+    """Every image of a split, database first: item i is (image (3, H, W) float32, i), preprocessed the 'pil' or the
+    'reference' way (places.images.load_image)."""
 
-    def __init__(self, index: PlaceIndex, image_size: tuple[int, int] | None):
+    def __init__(self, index: PlaceIndex, image_size: tuple[int, int] | None, preprocessing: str = "pil"):
+        if preprocessing not in PREPROCESSINGS:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}")
         self.index = index
         self.image_size = None if image_size is None else checked_image_size(image_size)
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return load_image(self.index.absolute_path(i), self.image_size), i
+        return load_image(self.index.absolute_path(i), self.image_size, self.preprocessing), i
 
     def __repr__(self) -> str:
-        return f"ImageDataset({self.index.summary()}, image_size={self.image_size})"
+        return f"ImageDataset({self.index.summary()}, image_size={self.image_size}, preprocessing={self.preprocessing})"
 
 
 # ----------------------------------------------------------------------------------------------------------------

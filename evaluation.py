@@ -7,6 +7,7 @@ are described in docs/outputs.md.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import platform
@@ -31,8 +32,8 @@ from model.correspondences import cross_graph_attention, stage_node_boxes
 from model.network import PRGSNetwork
 from model.reranker import stage_grids
 from places.images import image_tensor, open_rgb_image
-from places.index import PlaceIndex
-from places.msls import msls_map_at_k, write_msls_submission
+from places.index import DatasetError, PlaceIndex
+from places.msls import msls_map_at_k, write_msls_submission, zip_msls_submission
 from retrieval import clamp_top_k, exact_knn, faiss_uses_gpu, first_correct_rank, fused_scores, recall_at_n
 from visualize import RerankedCandidate, save_prediction_picture, save_rerank_picture
 
@@ -50,6 +51,7 @@ class EvalSettings:
     rerank_batch_size: int = 2
     rerank_fusion: float = 0.0
     recall_values: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 100])
+    preprocessing: str = "pil"  # or "reference": the reference's test-time function (places.images.load_image)
 
 
 @dataclass
@@ -111,10 +113,11 @@ def extract_features(
             settings.precision,
             f"extracting {part}",
             forward,
+            settings.preprocessing,
         ):
             descriptors[ids] = (output if store is None else output[0]).float().cpu().numpy()
             if store is not None:
-                store.write(ids, output[1])
+                _write_to_store(store, ids, output[1])
         count = max(1, len(image_ids))
         timings[f"extraction_ms_per_image_{part}"] = 1000 * (time.perf_counter() - start) / count
         timings[f"forward_ms_per_image_{part}"] = 1000 * forward.seconds / count
@@ -122,6 +125,16 @@ def extract_features(
         return descriptors, None, timings
     store.close()
     return descriptors, LocalFeatureStore.open(store_folder), timings
+
+
+def _write_to_store(store: LocalFeatureStore, ids: np.ndarray, nodes: torch.Tensor) -> None:
+    """store.write, with a failed write (a full disk) reported as an OutputWriteError naming the store."""
+    try:
+        store.write(ids, nodes)
+    except OSError as error:
+        raise util.OutputWriteError(
+            f"cannot write the local-feature store {store.folder}: {util.describe_write_error(error, store.folder)}"
+        ) from error
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,10 +200,14 @@ def evaluate(
     model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, work_folder: Path, with_rerank: bool = True
 ) -> Evaluation:
     """Extract, retrieve, rerank and score one split. The local-feature store lives in work_folder/local_features
-    and is deleted at the end. with_rerank=False skips the reranking (reranked = global order)."""
+    and is deleted at the end, however the evaluation ends (an error, Ctrl-C, a full disk). with_rerank=False skips
+    the reranking (reranked = global order)."""
+    if index.queries_num == 0 or index.database_num == 0:
+        raise DatasetError(f"{index.summary()} has no queries or no database images: there is nothing to evaluate")
     store_folder = work_folder / "local_features"
-    descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
+    store = None
     try:
+        descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
         database, queries = descriptors[: index.database_num], descriptors[index.database_num :]
         top = clamp_top_k(settings.rerank_top, index.database_num)
         num_columns = clamp_top_k(max(top, max(settings.recall_values)), index.database_num, "recall@N")
@@ -207,7 +224,7 @@ def evaluate(
     finally:
         if store is not None:
             store.close()
-            shutil.rmtree(store_folder, ignore_errors=True)
+        shutil.rmtree(store_folder, ignore_errors=True)  # also a store left half-written by a failed extraction
     positives = index.soft_positives_per_query
     global_recalls = reranked_recalls = None
     if positives is not None:
@@ -246,28 +263,23 @@ def recalls_table(evaluation: Evaluation) -> str:
 
 
 def write_predictions_csv(path: Path, index: PlaceIndex, evaluation: Evaluation) -> None:
-    """predictions.csv: per query and ranking (global, reranked), the first correct rank (1-based, empty when
-    none or unknown) and the ranked database paths (relative to the split folder), separated by '|'."""
+    """predictions.csv (written atomically): per query and ranking (global, reranked), the first correct rank
+    (1-based, empty when none or unknown) and the ranked database paths (relative to the split folder), separated
+    by '|'."""
     positives = index.soft_positives_per_query
-    with open(path, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["query_index", "query_path", "ranking", "first_correct_rank", "database_paths"])
-        for ranking, predictions in (
-            ("global", evaluation.global_predictions),
-            ("reranked", evaluation.reranked_predictions),
-        ):
-            first = first_correct_rank(predictions, positives) if positives is not None else None
-            for query, row in enumerate(predictions):
-                correct = "" if first is None or first[query] >= len(row) else int(first[query]) + 1
-                writer.writerow(
-                    [
-                        query,
-                        index.queries_paths[query],
-                        ranking,
-                        correct,
-                        "|".join(index.database_paths[i] for i in row),
-                    ]
-                )
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["query_index", "query_path", "ranking", "first_correct_rank", "database_paths"])
+    for ranking, predictions in (
+        ("global", evaluation.global_predictions),
+        ("reranked", evaluation.reranked_predictions),
+    ):
+        first = first_correct_rank(predictions, positives) if positives is not None else None
+        for query, row in enumerate(predictions):
+            correct = "" if first is None or first[query] >= len(row) else int(first[query]) + 1
+            paths = "|".join(index.database_paths[i] for i in row)
+            writer.writerow([query, index.queries_paths[query], ranking, correct, paths])
+    util.atomic_write_text(path, text.getvalue())
 
 
 def pictured_queries(index: PlaceIndex, evaluation: Evaluation, count: int, only_wrong: bool) -> np.ndarray:
@@ -393,6 +405,7 @@ def eval_settings(args, device: torch.device) -> EvalSettings:
         rerank_batch_size=args.rerank_batch_size,
         rerank_fusion=args.rerank_fusion,
         recall_values=args.recall_values,
+        preprocessing=args.preprocessing,
     )
 
 
@@ -461,24 +474,23 @@ def build_results(
 
 
 def write_outputs(args, output_folder: Path, index: PlaceIndex, evaluation: Evaluation, results: dict) -> None:
+    """predictions.csv, on MSLS test the challenge files, the pictures, and results.json last; each atomically."""
     output_folder.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(output_folder / "predictions.csv", index, evaluation)
     if args.dataset_name == "msls" and index.soft_positives_per_query is None:
+        results["msls_submission"] = {}
         for label, predictions in (
             ("global", evaluation.global_predictions),
             ("reranked", evaluation.reranked_predictions),
         ):
-            path = output_folder / f"msls_submission_{label}.txt"
-            write_msls_submission(path, index.queries_keys, index.database_keys, predictions)
-            logger.info("MSLS challenge submission (%s ranking): %s", label, path)
-        results["msls_submission"] = {
-            "global": "msls_submission_global.txt",
-            "reranked": "msls_submission_reranked.txt",
-        }
+            csv_path = output_folder / f"msls_submission_{label}.csv"
+            write_msls_submission(csv_path, index.queries_keys, index.database_keys, predictions)
+            results["msls_submission"][label] = zip_msls_submission(csv_path).name
+            logger.info("MSLS challenge submission (%s ranking): %s", label, csv_path.with_suffix(".zip"))
     if args.num_preds_to_save > 0:
         queries = pictured_queries(index, evaluation, args.num_queries_to_save, args.save_only_wrong_preds)
         saved = save_prediction_pictures(
             output_folder / "predictions", index, evaluation, args.num_preds_to_save, queries
         )
         logger.info("saved %d prediction pictures in %s", saved, output_folder / "predictions")
-    (output_folder / "results.json").write_text(json.dumps(results, indent=2))
+    util.atomic_write_text(output_folder / "results.json", json.dumps(results, indent=2))

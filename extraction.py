@@ -28,11 +28,13 @@ def image_batches(
     precision: str = "fp32",
     description: str = "extracting",
     stopwatch: util.Stopwatch | None = None,
+    preprocessing: str = "pil",
 ) -> Iterator[tuple[np.ndarray, Any]]:
     """Yield (image ids (b,), forward(images (b, 3, H, W) on ``device``)) over the images ``image_ids`` (global
     indices of ``index``) in order, in inference mode, under autocast when precision is bf16, with ``network`` in
-    eval mode (its mode is restored afterwards). ``stopwatch`` times the forward passes alone."""
-    dataset = torch.utils.data.Subset(ImageDataset(index, image_size), [int(i) for i in image_ids])
+    eval mode (its mode is restored afterwards). ``stopwatch`` times the forward passes alone; ``preprocessing``
+    is 'pil' or 'reference' (places.images.load_image)."""
+    dataset = torch.utils.data.Subset(ImageDataset(index, image_size, preprocessing), [int(i) for i in image_ids])
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -63,6 +65,7 @@ def global_descriptors(
     num_workers: int,
     precision: str = "fp32",
     description: str = "global descriptors",
+    preprocessing: str = "pil",
 ) -> np.ndarray:
     """Global descriptors (n, D) float32 of the images ``image_ids`` (global indices of ``index``), in that order,
     from the network's global-only mode."""
@@ -79,6 +82,7 @@ def global_descriptors(
         num_workers,
         precision,
         description,
+        preprocessing=preprocessing,
     ):
         descriptors[start : start + len(batch)] = batch.float().cpu().numpy()
         start += len(batch)

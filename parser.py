@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from model.backbone import BACKBONES, patch_grid
@@ -64,8 +65,8 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
     return value
 
 
@@ -103,6 +104,17 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         default=25.0,
         help="metres: database images this close to a query are correct answers (and are never "
         "used as training negatives)",
+    )
+    group.add_argument(
+        "--preprocessing",
+        choices=("auto", "pil", "reference"),
+        default="auto",
+        help="how an image becomes the network's input at test time. 'pil': PIL bilinear (antialiased) resize of "
+        "the 8-bit image, then ImageNet normalisation (what training uses, here and in the reference); "
+        "'reference': normalisation, then a bilinear resize of the float tensor without antialiasing, the "
+        "reference's test-time function bit for bit. 'auto': 'reference' when test.py or "
+        "pre_compute_mining.py run one of the reference's checkpoints, 'pil' otherwise (training tuples always "
+        "use 'pil')",
     )
     group.add_argument(
         "--msls_cache_dir",
@@ -195,6 +207,13 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
         "(handy in scripts that chain runs)",
     )
     group.add_argument("--seed", type=int, default=42, help="seed for python, numpy and torch")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs an earlier run left in --output_folder (and an existing --output file of "
+        "pre_compute_mining.py); without it such a run is refused. Resuming a training run from the last.pth "
+        "in its own folder needs no --overwrite",
+    )
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -462,6 +481,7 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--mining global needs --hard_negatives FILE (made by pre_compute_mining.py)")
     if args.mining == "global" and args.neg_hardness < args.negs_num_per_query:
         parser.error(f"--neg_hardness {args.neg_hardness} must be >= --negs_num_per_query {args.negs_num_per_query}")
+    resolve_preprocessing(args, evaluates_checkpoints=False)
     return args
 
 
@@ -497,6 +517,7 @@ def parse_mining_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = mining_parser()
     args = parser.parse_args(argv)
     apply_presets(args, parser, reranks=False)
+    resolve_preprocessing(args, evaluates_checkpoints=True)
     args.output = args.output or f"result/{args.dataset_name}_hard_negatives.npz"
     return args
 
@@ -511,7 +532,34 @@ def parse_test_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--database_folder/--queries_folder replace --dataset_name (got {args.dataset_name})")
         args.dataset_name = FOLDERS_NAME
     apply_presets(args, parser)
+    resolve_preprocessing(args, evaluates_checkpoints=True)
     return args
+
+
+REFERENCE_LAYOUTS = ("reference_full", "reference_global")
+
+
+def resolve_preprocessing(args: argparse.Namespace, evaluates_checkpoints: bool) -> None:
+    """--preprocessing auto -> 'reference' when the script evaluates (or mines with) one of the reference's
+    checkpoints, so that it computes the reference's test-time function; 'pil' otherwise (training writes this
+    project's checkpoints, which are trained and validated with 'pil')."""
+    if args.preprocessing != "auto":
+        return
+    layout = open_checkpoint(args.resume).layout if args.resume else None
+    args.preprocessing = "reference" if evaluates_checkpoints and layout in REFERENCE_LAYOUTS else "pil"
+    if args.preprocessing == "reference":
+        logger.info("--preprocessing auto: the reference's test-time preprocessing, for its checkpoint %s", args.resume)
+
+
+def resumes_into_output_folder(args: argparse.Namespace) -> bool:
+    """True when train_reranking.py resumes, exactly, a last.pth that lies in --output_folder: the run continues in
+    its own folder, which therefore may hold its earlier outputs."""
+    if not args.resume or not args.output_folder:
+        return False
+    if Path(args.resume).resolve().parent != Path(args.output_folder).resolve():
+        return False
+    state = open_checkpoint(args.resume).state
+    return "training_state" in state and (state.get("args") or {}).get("train_stage") == args.train_stage
 
 
 def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, reranks: bool = True) -> None:
@@ -523,6 +571,8 @@ def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, rer
     """
     checkpoint_config, built_size = None, None
     if getattr(args, "resume", None):
+        if Path(args.resume).is_dir():
+            parser.error(f"--resume {args.resume} is a folder; expected a checkpoint file, e.g. {args.resume}/last.pth")
         if not Path(args.resume).is_file():
             parser.error(f"--resume {args.resume}: file not found")
         try:

@@ -16,7 +16,13 @@ import numpy as np
 import util
 from datasets_ws import load_split
 from extraction import global_descriptors
-from mining import dataset_fingerprints, file_sha1, hard_negatives_from_descriptors, save_hard_negatives
+from mining import (
+    dataset_fingerprints,
+    file_sha1,
+    hard_negatives_from_descriptors,
+    image_file_stats,
+    save_hard_negatives,
+)
 from model.checkpoint import build_model
 from parser import model_options, parse_mining_args, split_options
 
@@ -25,30 +31,44 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_mining_args(argv)
-    run = util.start_run(args)
-    index = load_split(args.datasets_folder, args.dataset_name, "train", **split_options(args))
-    model, checkpoint = build_model(args.model_config, **model_options(args))
-    if checkpoint is None:
-        logger.warning("no --resume: mining with an untrained global model gives poor negatives")
-    model = model.to(run.device)
-    descriptors = global_descriptors(
-        model,
-        index,
-        np.arange(len(index)),
-        args.resize,
-        run.device,
-        args.infer_batch_size,
-        args.num_workers,
-        args.precision,
-    )
-    hard_negatives = hard_negatives_from_descriptors(
-        descriptors[: index.database_num],
-        descriptors[index.database_num :],
-        index.soft_positives_per_query,
-        args.num_hard_negatives,
-        args.chunk_size,
-    )
-    metadata = {
+    with util.start_run(args, output_files=[args.output]) as run:
+        index = load_split(args.datasets_folder, args.dataset_name, "train", **split_options(args))
+        model, checkpoint = build_model(args.model_config, **model_options(args))
+        if checkpoint is None:
+            logger.warning("no --resume: mining with an untrained global model gives poor negatives")
+        model = model.to(run.device)
+        descriptors = global_descriptors(
+            model,
+            index,
+            np.arange(len(index)),
+            args.resize,
+            run.device,
+            args.infer_batch_size,
+            args.num_workers,
+            args.precision,
+            preprocessing=args.preprocessing,
+        )
+        hard_negatives = hard_negatives_from_descriptors(
+            descriptors[: index.database_num],
+            descriptors[index.database_num :],
+            index.soft_positives_per_query,
+            args.num_hard_negatives,
+            args.chunk_size,
+        )
+        save_hard_negatives(args.output, hard_negatives, mining_metadata(args, index, model), image_file_stats(index))
+        logger.info(
+            "wrote %s: %d queries x %d negatives (%d padding entries) in %.0f s",
+            args.output,
+            *hard_negatives.shape,
+            int((hard_negatives < 0).sum()),
+            run.seconds(),
+        )
+    return args.output
+
+
+def mining_metadata(args, index, model) -> dict:
+    """What the hard-negative file records about how it was made (docs/hard_negatives.md)."""
+    return {
         "dataset": index.name,
         "datasets_folder": str(args.datasets_folder),
         **dataset_fingerprints(index),
@@ -61,16 +81,8 @@ def main(argv: list[str] | None = None) -> str:
         "model_checkpoint_sha1": file_sha1(args.resume) if args.resume else None,
         "model": model.config.to_dict(),
         "image_size": list(args.resize),
+        "preprocessing": args.preprocessing,
     }
-    save_hard_negatives(args.output, hard_negatives, metadata)
-    logger.info(
-        "wrote %s: %d queries x %d negatives (%d padding entries) in %.0f s",
-        args.output,
-        *hard_negatives.shape,
-        int((hard_negatives < 0).sum()),
-        run.seconds(),
-    )
-    return args.output
 
 
 if __name__ == "__main__":

@@ -33,38 +33,39 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_test_args(argv)
-    run = util.start_run(args)
-    index = load_split(args.datasets_folder, args.dataset_name, args.split, **split_options(args))
-    if index.queries_num == 0:
-        raise util.PRGSError(f"{index.summary()} has no queries to evaluate")
-    model, checkpoint = build_model(args.model_config, **model_options(args))
-    if checkpoint is None:
-        logger.warning(
-            "no --resume checkpoint: local_head and the reranker are untrained, so reranked recalls are "
-            "those of a random reranker"
+    with util.start_run(args) as run:
+        index = load_split(args.datasets_folder, args.dataset_name, args.split, **split_options(args))
+        if index.queries_num == 0:
+            raise util.PRGSError(f"{index.summary()} has no queries to evaluate")
+        model, checkpoint = build_model(args.model_config, **model_options(args))
+        if checkpoint is None:
+            logger.warning(
+                "no --resume checkpoint: local_head and the reranker are untrained, so reranked recalls are "
+                "those of a random reranker"
+            )
+        model = model.to(run.device)
+        logger.info(
+            "model: %s, input %dx%d, %d nodes kept per image, %s preprocessing; device %s%s",
+            model.config.backbone,
+            *args.resize,
+            model.config.num_kept_nodes,
+            args.preprocessing,
+            run.device,
+            " (faiss on GPU)" if faiss_uses_gpu(run.device) else "",
         )
-    model = model.to(run.device)
-    logger.info(
-        "model: %s, input %dx%d, %d nodes kept per image; device %s%s",
-        model.config.backbone,
-        *args.resize,
-        model.config.num_kept_nodes,
-        run.device,
-        " (faiss on GPU)" if faiss_uses_gpu(run.device) else "",
-    )
-    settings = eval_settings(args, run.device)
-    evaluation = evaluate(model, index, settings, run.folder)
-    split = None if args.dataset_name == FOLDERS_NAME else args.split
-    results = build_results(args, split, index, model, checkpoint, evaluation, run.device, run.seconds())
-    write_outputs(args, run.folder, index, evaluation, results)
-    if args.rerank_pictures > 0:
-        queries = pictured_queries(index, evaluation, args.num_queries_to_save, args.save_only_wrong_preds)
-        saved = save_rerank_pictures(
-            run.folder / "reranking", model, index, evaluation, settings, queries, args.rerank_pictures
-        )
-        logger.info("saved %d reranking pictures in %s", saved, run.folder / "reranking")
-    logger.info("%s\n%s", index.summary(), recalls_table(evaluation))
-    logger.info("results: %s", run.folder / "results.json")
+        settings = eval_settings(args, run.device)
+        evaluation = evaluate(model, index, settings, run.folder)
+        split = None if args.dataset_name == FOLDERS_NAME else args.split
+        results = build_results(args, split, index, model, checkpoint, evaluation, run.device, run.seconds())
+        write_outputs(args, run.folder, index, evaluation, results)
+        if args.rerank_pictures > 0:
+            queries = pictured_queries(index, evaluation, args.num_queries_to_save, args.save_only_wrong_preds)
+            saved = save_rerank_pictures(
+                run.folder / "reranking", model, index, evaluation, settings, queries, args.rerank_pictures
+            )
+            logger.info("saved %d reranking pictures in %s", saved, run.folder / "reranking")
+        logger.info("%s\n%s", index.summary(), recalls_table(evaluation))
+        logger.info("results: %s", run.folder / "results.json")
     return results
 
 

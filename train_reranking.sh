@@ -2,7 +2,8 @@
 # Train PRGS (see `python3 train_reranking.py --help` for every flag).
 #
 # Without arguments: the whole pipeline on the built-in toy world, on a CPU in a few minutes:
-#   1. fit the global descriptor (DeiT, triplet loss) on the toy world, unless logs/toy_world_demo/global_model exists
+#   1. fit the global descriptor (DeiT, triplet loss) on the toy world, unless logs/toy_world_demo/global_model
+#      holds a finished fit (its results.json); an interrupted fit is resumed
 #   2. mine hard negatives with it (pre_compute_mining.py)
 #   3. train local_head + reranker on top of it (backbone frozen), validating every epoch
 #   4. test the best model, printing global and reranked recalls before and after training
@@ -32,14 +33,18 @@ RUN="$DEMO/$(date +%Y-%m-%d_%H-%M-%S)"
 GLOBAL_MODEL="$DEMO/global_model"
 COMMON=(--dataset_name toy_world --num_workers 1 --seed 0)
 
-if [ ! -f "$GLOBAL_MODEL/best.pth" ]; then
+# The global model is reused only when its run finished: results.json is written at the very end of a run. An
+# interrupted fit is resumed from its own last.pth instead.
+if [ ! -f "$GLOBAL_MODEL/results.json" ] || grep -q '"stopped": "max_steps"' "$GLOBAL_MODEL/results.json"; then
+  RESUME=()
+  if [ -f "$GLOBAL_MODEL/last.pth" ]; then RESUME=(--resume "$GLOBAL_MODEL/last.pth"); fi
   echo "== 1/3 fitting the global descriptor on the toy world (saved in $GLOBAL_MODEL, reused next time)"
   # From scratch on a CPU: the hardest negatives of the whole database, and a margin of 0.5 (with the reference's
   # 0.1 this short fit collapses); the best of 4 short epochs on val is kept.
   "$PYTHON" -u train_reranking.py "${COMMON[@]}" --train_stage global --backbone_weights none \
     --mining full --neg_samples_num 1000 --negs_num_per_query 5 --margin 0.5 --lr 1e-3 \
     --queries_per_epoch 240 --cache_refresh_rate 240 --train_batch_size 8 --epochs_num 4 --patience 4 \
-    --output_folder "$GLOBAL_MODEL"
+    ${RESUME[@]+"${RESUME[@]}"} --output_folder "$GLOBAL_MODEL"
 else
   echo "== 1/3 global descriptor: reusing $GLOBAL_MODEL/best.pth"
 fi

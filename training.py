@@ -35,11 +35,11 @@ import util
 from datasets_ws import TupleDataset
 from evaluation import build_results, eval_settings, evaluate, recalls_by_name, recalls_table, write_outputs
 from extraction import global_descriptors, image_batches
-from mining import TupleMiner, Tuples, file_sha1, load_hard_negatives
+from mining import MiningError, TupleMiner, Tuples, file_sha1, load_hard_negatives
 from model.backbone import patch_grid
 from model.checkpoint import LoadedCheckpoint, load_weights, open_checkpoint, save_model
 from model.network import PRGSNetwork
-from places.index import PlaceIndex
+from places.index import DatasetError, PlaceIndex
 from visualize import save_training_curves
 
 logger = logging.getLogger(__name__)
@@ -174,11 +174,13 @@ def triplet_loss(descriptors: torch.Tensor, margin: float) -> torch.Tensor:
 
 @dataclass
 class TrainingState:
-    """Where training is and what it has seen. Position = the next (epoch, round, step in round) to run."""
+    """Where training is and what it has seen. Position = the next (epoch, round, step in round) to run;
+    tuples_done counts the current round's tuples already trained on (step_in_round x the batch size it ran with)."""
 
     epoch: int = 0
     round: int = 0
     step_in_round: int = 0
+    tuples_done: int = 0
     global_step: int = 0
     best_metric: float = -1.0
     best_epoch: int = -1
@@ -201,7 +203,13 @@ class TrainingState:
 
 
 def save_training_checkpoint(
-    path: Path, model: PRGSNetwork, optimizer: torch.optim.Optimizer, state: TrainingState, miner: TupleMiner, args
+    path: Path,
+    model: PRGSNetwork,
+    optimizer: torch.optim.Optimizer,
+    state: TrainingState,
+    miner: TupleMiner,
+    args,
+    device: torch.device,
 ) -> None:
     previous = miner.previous_negatives
     queries = torch.tensor(sorted(previous), dtype=torch.long)
@@ -219,6 +227,7 @@ def save_training_checkpoint(
             },
             "rng": util.rng_states(),
             "previous_negatives": {"queries": queries, "negatives": negatives},
+            "device": str(device),
         },
         args=util.plain_args(args),
     )
@@ -233,7 +242,82 @@ def restore_training(
     previous = training["previous_negatives"]
     miner.previous_negatives = {int(q): n.numpy() for q, n in zip(previous["queries"], previous["negatives"])}
     util.set_rng_states(training["rng"])
-    return TrainingState.from_checkpoint(training["state"])
+    state = dict(training["state"])
+    if "tuples_done" not in state:  # written before tuples_done was recorded: steps of the checkpoint's batch size
+        state["tuples_done"] = state["step_in_round"] * (checkpoint.state.get("args") or {})["train_batch_size"]
+    return TrainingState.from_checkpoint(state)
+
+
+# Flags that do not change what training computes, or that the checkpoint itself sets (the model's): a resume may
+# give them freely.
+RESUME_FREE_FLAGS = frozenset(
+    (
+        "backbone",
+        "fc_output_dim",
+        "local_dim",
+        "num_kept_nodes",
+        "temperature",
+        "output_folder",
+        "save_dir",
+        "overwrite",
+        "resume",
+        "non_strict_resume",
+        "backbone_weights",
+        "datasets_folder",
+        "msls_cache_dir",
+        "max_steps",
+        "checkpoint_every_steps",
+        "num_workers",
+        "device",
+        "test_split",
+        "test_before_training",
+        "num_preds_to_save",
+        "save_only_wrong_preds",
+    )
+)
+
+
+def resume_differences(checkpoint_state: dict, args, device: torch.device) -> list[str]:
+    """What will differ from the interrupted run when resuming its last.pth with these flags: every flag that
+    changes training, validation or stopping and has another value than the checkpoint's, and the device."""
+    saved_args = checkpoint_state.get("args") or {}
+    now = util.plain_args(args)
+    differences = [
+        f"--{name} {_flag_text(now[name])} (the checkpoint's: {_flag_text(saved_args[name])})"
+        for name in sorted(set(now) & set(saved_args) - RESUME_FREE_FLAGS)
+        if now[name] != saved_args[name]
+    ]
+    saved_device = checkpoint_state["training_state"].get("device")
+    if saved_device is not None and torch.device(saved_device).type != device.type:
+        differences.append(f"device {device.type} (the checkpoint's: {saved_device}; floating-point results differ)")
+    return differences
+
+
+def _flag_text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+class TrainingDivergedError(util.PRGSError):
+    """A non-finite loss or non-finite weights: training stops before anything is saved from them."""
+
+
+def check_training_settings(splits: TrainingSplits, args) -> None:
+    """Refuse, before any work, splits and flags with which training cannot run as asked: an empty validation or
+    test split, or a batch larger than a mining round (no step would run)."""
+    for name in ("val", "test"):
+        index = getattr(splits, name)
+        if index.queries_num == 0 or index.database_num == 0:
+            raise DatasetError(
+                f"the {name} split {index.summary()} has no queries or no database images: training could not "
+                f"validate or test on it"
+            )
+    queries_per_round = min(args.cache_refresh_rate, splits.train.queries_num)
+    if 0 < queries_per_round < args.train_batch_size:
+        raise MiningError(
+            f"--train_batch_size {args.train_batch_size} is larger than a mining round of {queries_per_round} "
+            f"queries (--cache_refresh_rate {args.cache_refresh_rate}, {splits.train.queries_num} training queries): "
+            f"no step would run. Use --train_batch_size {queries_per_round} or less"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,6 +341,7 @@ class Trainer:
         self.model, self.splits, self.args, self.run = model, splits, args, run
         self.device, self.grid = run.device, patch_grid(args.resize)
         self.with_rerank = args.train_stage != "global"
+        check_training_settings(splits, args)
         self.trainable = configure_stage(model, args.train_stage)
         logger.info(
             "stage %s: %d trainable parameters of %d (%s, input %dx%d)",
@@ -310,18 +395,30 @@ class Trainer:
         return hard_negatives
 
     def _start_or_resume(self, checkpoint: LoadedCheckpoint | None) -> TrainingState:
-        """The exact training state of a last.pth of this stage; a fresh state for anything else."""
+        """The exact training state of a last.pth of this stage; a fresh state for anything else. A resumed run
+        says which flags differ from the interrupted one (then it continues, but not exactly as that run would
+        have), and takes the interrupted run's best.pth along when it writes to another folder."""
         resumed_stage = (checkpoint.state.get("args") or {}).get("train_stage") if checkpoint is not None else None
         if checkpoint is not None and "training_state" in checkpoint.state and resumed_stage == self.args.train_stage:
             state = restore_training(checkpoint, self.optimizer, self.miner)
-            logger.info(
-                "resuming %s exactly: epoch %d, round %d, step %d (%d steps done)",
-                checkpoint.path,
-                state.epoch,
-                state.round,
-                state.step_in_round,
-                state.global_step,
+            differences = resume_differences(checkpoint.state, self.args, self.device)
+            where = (
+                f"epoch {state.epoch}, round {state.round}, step {state.step_in_round} ({state.global_step} steps done)"
             )
+            if differences:
+                logger.warning(
+                    "resuming %s at %s, but NOT exactly as the interrupted run would have continued: %s. Training "
+                    "continues with the new values; repeat the checkpoint's values for an exact resume",
+                    checkpoint.path,
+                    where,
+                    "; ".join(differences),
+                )
+            else:
+                logger.info("resuming %s exactly: %s", checkpoint.path, where)
+            self.run.note("last.pth", f"epoch {state.epoch}, round {state.round}, step {state.global_step}, as resumed")
+            if state.best_epoch >= 0:
+                self.run.note("best.pth", f"epoch {state.best_epoch}")
+            self._adopt_best(checkpoint.path.parent, state)
             return state
         if checkpoint is not None:
             logger.info(
@@ -331,6 +428,26 @@ class Trainer:
                 f", stage {resumed_stage}" if resumed_stage else "",
             )
         return TrainingState()
+
+    def _adopt_best(self, resumed_folder: Path, state: TrainingState) -> None:
+        """Copy the interrupted run's best.pth into this run's folder when they differ, so that the final test
+        tests the best epoch of the whole run."""
+        if state.best_epoch < 0 or resumed_folder.resolve() == self.run.folder.resolve():
+            return
+        source = resumed_folder / "best.pth"
+        epoch = open_checkpoint(source).state.get("metrics", {}).get("epoch") if source.is_file() else None
+        if epoch != state.best_epoch:
+            logger.warning(
+                "the best epoch so far (%d) has no best.pth beside the resumed checkpoint (%s%s): the final test "
+                "will test this run's best epoch if a later one improves, else none",
+                state.best_epoch,
+                source,
+                f" holds epoch {epoch}" if epoch is not None else " is missing",
+            )
+            return
+        util.atomic_write(self.run.folder / "best.pth", lambda file: file.write(source.read_bytes()))
+        self.run.note("best.pth", f"epoch {epoch}, copied from {source}")
+        logger.info("copied best.pth (epoch %d) from %s", epoch, source)
 
     def test_before_training(self) -> None:
         """With --test_before_training on a fresh start: the test split's recalls before any step."""
@@ -378,13 +495,13 @@ class Trainer:
         while state.round < rounds_per_epoch:
             if state.tuples is None:
                 rng = np.random.default_rng([args.seed, state.epoch, state.round])
-                queries = np.sort(rng.choice(self.splits.train.queries_num, queries_per_round, replace=False))
+                queries = rng.choice(self.splits.train.queries_num, queries_per_round, replace=False)
                 state.tuples = self.miner.mine(
                     queries, rng, self.global_descriptors_of, global_model_frozen=args.train_stage == "reranker"
                 )
             if not self._run_round(state.tuples):
                 return False
-            state.round, state.step_in_round, state.tuples = state.round + 1, 0, None
+            state.round, state.step_in_round, state.tuples_done, state.tuples = state.round + 1, 0, 0, None
         return True
 
     def global_descriptors_of(self, image_ids: np.ndarray) -> np.ndarray:
@@ -406,8 +523,8 @@ class Trainer:
 
     def _batches(self, tuples: Tuples):
         """(images (B, T, 3, H, W) or None when the cache holds the backbone outputs, image ids (B, T)) of the
-        current round from state.step_in_round on."""
-        batch_size, start = self.args.train_batch_size, self.state.step_in_round * self.args.train_batch_size
+        current round from its tuple state.tuples_done on."""
+        batch_size, start = self.args.train_batch_size, self.state.tuples_done
         dataset = TupleDataset(
             self.splits.train,
             tuples.queries[start:],
@@ -439,6 +556,7 @@ class Trainer:
             loss, parts = self._step(images, image_ids)
             state.global_step += 1
             state.step_in_round += 1
+            state.tuples_done += len(image_ids)
             state.loss_sum += loss
             state.loss_count += 1
             bar.set_postfix(loss=f"{loss:.4f}", mean=f"{state.loss_sum / state.loss_count:.4f}")
@@ -463,6 +581,8 @@ class Trainer:
                 local = self.cache.local(self.model, image_ids.flatten(), self.device)  # (B*T, L, C)
                 loss = rerank_loss(self.model, local.reshape(*image_ids.shape, *local.shape[1:]), self.grid)
                 parts = {"rerank_ce": float(loss.detach())}
+        if not torch.isfinite(loss.detach()):
+            raise self._diverged(f"the loss is {float(loss.detach())}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
@@ -471,14 +591,31 @@ class Trainer:
         return float(loss.detach()), parts
 
     def save_last(self) -> None:
+        """last.pth, after checking that the weights are finite (a diverged run never overwrites a good one)."""
+        self._check_finite_weights()
+        state = self.state
         save_training_checkpoint(
-            self.run.folder / "last.pth", self.model, self.optimizer, self.state, self.miner, self.args
+            self.run.folder / "last.pth", self.model, self.optimizer, state, self.miner, self.args, self.device
+        )
+        self.run.note("last.pth", f"epoch {state.epoch}, round {state.round}, step {state.global_step}")
+
+    def _check_finite_weights(self) -> None:
+        bad = [name for name, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise self._diverged(f"{len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]})")
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        state, lr = self.state, self.optimizer.param_groups[0]["lr"]
+        return TrainingDivergedError(
+            f"training diverged at epoch {state.epoch}, step {state.global_step}: {what} (lr {lr:.3g}). Nothing was "
+            f"saved from these weights; lower --lr or set --grad_clip, and resume from the last good last.pth"
         )
 
     def _validate(self, epoch_start: float) -> bool:
         """Validate the epoch just trained, keep last.pth (and best.pth when it improved), draw the curves; returns
         True when patience ran out."""
         args, state = self.args, self.state
+        self._check_finite_weights()
         validation = evaluate(
             self.model, self.splits.val, self.settings, self.run.folder / "work", with_rerank=self.with_rerank
         )
@@ -522,6 +659,7 @@ class Trainer:
         self.save_last()
         if improved:
             save_model(self.model, self.run.folder / "best.pth", metrics=state.history[-1], args=util.plain_args(args))
+            self.run.note("best.pth", f"epoch {state.best_epoch}, val R@{args.recall_values[0]} {metric:.2f}")
         self._save_curves()
         if state.not_improved >= args.patience:
             logger.info("early stopping: %d epochs without improvement", state.not_improved)
@@ -545,6 +683,14 @@ class Trainer:
         """The best epoch's weights on the test split, with test.py's outputs in <run>/test/ (not after
         --max_steps, nor when no epoch finished)."""
         if stopped == "max_steps" or self.state.best_epoch < 0:
+            return
+        if not (self.run.folder / "best.pth").is_file():
+            logger.warning(
+                "no best.pth of the best epoch (%d) in %s (see the warning at the resume): no final test",
+                self.state.best_epoch,
+                self.run.folder,
+            )
+            self.results["test"] = None
             return
         best = open_checkpoint(self.run.folder / "best.pth")
         load_weights(self.model, best)
@@ -586,7 +732,7 @@ class Trainer:
                 "history": state.history,
                 "checkpoints": {
                     "last": str(self.run.folder / "last.pth"),
-                    "best": str(self.run.folder / "best.pth") if state.best_epoch >= 0 else None,
+                    "best": str(self.run.folder / "best.pth") if (self.run.folder / "best.pth").is_file() else None,
                 },
             }
         )
@@ -597,7 +743,7 @@ class Trainer:
                 "configuration": util.plain_args(args),
             }
         )
-        (self.run.folder / "results.json").write_text(json.dumps(self.results, indent=2))
+        util.atomic_write_text(self.run.folder / "results.json", json.dumps(self.results, indent=2))
         logger.info("results: %s", self.run.folder / "results.json")
         return self.results
 

@@ -1,5 +1,5 @@
 """Pictures: a query beside its top predictions (correct framed green, wrong red, unknown light grey), what the
-reranker's cross graphs matched between a query and its candidates, and training curves."""
+reranker's cross graphs matched between a query and its candidates, and training curves; all written atomically."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
 from places.images import open_rgb_image
+from util import atomic_write
 
 THUMBNAIL_HEIGHT = 160
 BORDER = 5
@@ -58,7 +59,7 @@ def save_prediction_picture(
             canvas.paste(tile, (x, y + LABEL_HEIGHT))
             x += tile.width + GAP
         y += tile_height + LABEL_HEIGHT + GAP
-    canvas.save(path)
+    atomic_write(path, lambda file: canvas.save(file, format="PNG"))
 
 
 @dataclass
@@ -99,7 +100,7 @@ def save_rerank_picture(
     for row in rows:
         canvas.paste(row, (0, y))
         y += row.height + GAP
-    canvas.save(path)
+    atomic_write(path, lambda file: canvas.save(file, format="PNG"))
 
 
 def _match_row(
@@ -176,5 +177,5 @@ def save_training_curves(
     for axis in (loss_axis, recall_axis):
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
     plt.close(figure)

@@ -25,6 +25,7 @@ import utm
 from PIL import Image
 
 from places.index import DatasetError, PlaceIndex, positives_within_radius, without_images
+from places.walk import find_images
 
 logger = logging.getLogger(__name__)
 
@@ -192,17 +193,16 @@ def _checked_folders(database_folder: Path, queries_folder: Path) -> tuple[Path,
 
 
 def _image_paths(folder: Path, root: Path, what: str) -> list[str]:
-    """Sorted posix paths, relative to root, of the images under folder; DatasetError when there is none."""
-    found = sorted(
-        path
-        for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
-    )
-    if not found:
+    """Sorted posix paths, relative to root, of the images under folder (places.walk: symlinked folders are not
+    followed, each image is listed once, what is left out is named); DatasetError when there is none."""
+    listing = find_images(folder, IMAGE_SUFFIXES)
+    listing.warn_about_skipped(folder)
+    if not listing.images:
         raise DatasetError(
             f"no {what} images under {folder} (searched recursively for {', '.join(IMAGE_SUFFIXES)}, any case)"
         )
-    return [path.relative_to(root).as_posix() for path in found]
+    prefix = folder.relative_to(root).as_posix()
+    return [path if prefix == "." else f"{prefix}/{path}" for path in listing.images]
 
 
 def _all_have_coordinates(index: PlaceIndex, infos: list[PhotoInfo]) -> bool:

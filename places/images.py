@@ -1,5 +1,6 @@
-"""Image files: decoding to RGB (EXIF orientation applied) with errors that name the file, the preprocessing the
-network expects, and the scan for unreadable images behind --skip_bad_images."""
+"""Image files: decoding to upright RGB (EXIF orientation applied) with errors that name the file, the two
+preprocessings the network may get ('pil', this project's and the reference's training one; 'reference', the
+reference's test-time function), and the scan for unreadable images behind --skip_bad_images."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch.utils.data
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
@@ -24,37 +26,93 @@ class BadImageError(PRGSError, ValueError):
 
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+PREPROCESSINGS = ("pil", "reference")
 
 
-def open_rgb_image(path: str | Path) -> Image.Image:
-    """The fully decoded RGB image at path, upright: the EXIF orientation tag is applied (cameras store a portrait
-    photo as a rotated landscape one plus that tag). BadImageError naming the file on any decode error."""
+def open_rgb_image(path: str | Path, upright: bool = True) -> Image.Image:
+    """The fully decoded RGB image at path; BadImageError naming the file on any decode error, or naming the mode
+    of an image whose pixels have no 8-bit meaning (see rgb_image). upright: apply the EXIF orientation tag (cameras
+    store a portrait photo as a rotated landscape one plus that tag); the reference did not, so its preprocessing
+    passes False."""
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")  # convert() decodes every pixel, so truncated files fail here
-        ImageOps.exif_transpose(rgb, in_place=True)  # no-op without an orientation tag (VG, MSLS, the toy world)
+            rgb = rgb_image(image, path)  # decodes every pixel, so truncated files fail here
+        if upright:
+            ImageOps.exif_transpose(rgb, in_place=True)  # no-op without an orientation tag (VG, MSLS, the toy world)
         return rgb
+    except BadImageError:
+        raise
     except _DECODE_ERRORS as error:
         raise BadImageError(
             f"cannot decode image {path}: {_describe(error)}; pass --skip_bad_images to leave unreadable images out"
         ) from error
 
 
-def load_image(path: str | Path, image_size: tuple[int, int] | None) -> torch.Tensor:
-    """(3, H, W) float32 tensor: ``image_tensor`` of the upright RGB image at path. The same preprocessing serves
-    training and evaluation."""
+def rgb_image(image: Image.Image, path: str | Path) -> Image.Image:
+    """Any PIL mode as 8-bit RGB. Alpha is dropped as PIL's convert('RGB') does (what the reference did); 16-bit
+    grey (modes I;16*, and I, which older Pillows use for 16-bit PNGs) keeps its 8 high bits instead of being
+    clipped to white; float pixels (mode F) and modes PIL cannot convert are refused, naming the mode."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)  # (H, W)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise BadImageError(
+                f"image {path} has mode {image.mode} with values in [{values.min()}, {values.max()}], outside the "
+                f"16-bit range [0, 65535]; save it as 8-bit RGB, or pass --skip_bad_images to leave it out"
+            )
+        return Image.fromarray((values >> 8).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "F":
+        raise BadImageError(
+            f"image {path} has mode F (32-bit float pixels), which has no standard 8-bit range; save it as 8-bit "
+            f"RGB, or pass --skip_bad_images to leave it out"
+        )
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        if "conversion" not in str(error):
+            raise
+        raise BadImageError(
+            f"image {path} has mode {image.mode}, which cannot be converted to RGB ({error}); save it as 8-bit "
+            f"RGB, or pass --skip_bad_images to leave it out"
+        ) from error
+
+
+def load_image(path: str | Path, image_size: tuple[int, int] | None, preprocessing: str = "pil") -> torch.Tensor:
+    """(3, H, W) float32 tensor of the image at path, at image_size=(H, W) when given.
+
+    'pil': image_tensor of the upright image, what training uses (as the reference's training did). 'reference':
+    reference_test_tensor of the image as stored, the reference's test-time function."""
+    if preprocessing == "reference":
+        return reference_test_tensor(open_rgb_image(path, upright=False), image_size)
+    if preprocessing != "pil":
+        raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}, got {preprocessing!r}")
     return image_tensor(open_rgb_image(path), image_size)
 
 
 def image_tensor(image: Image.Image, image_size: tuple[int, int] | None) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float32: PIL bilinear resize to image_size=(H, W) if given and different (the
-    aspect ratio is not kept: every image of a split becomes H x W), then ImageNet normalisation."""
+    """RGB PIL image -> (3, H, W) float32, the 'pil' preprocessing: PIL bilinear resize (antialiased) to
+    image_size=(H, W) if given and different (the aspect ratio is not kept: every image of a split becomes H x W),
+    then ImageNet normalisation."""
     if image_size is not None:
         height, width = checked_image_size(image_size)
         if image.size != (width, height):
             image = image.resize((width, height), Image.BILINEAR)
     tensor = TF.to_tensor(image)
     return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def reference_test_tensor(image: Image.Image, image_size: tuple[int, int] | None) -> torch.Tensor:
+    """The reference's test-time preprocessing, bit for bit: RGB -> [0, 1] tensor -> ImageNet
+    normalisation -> bilinear resize of the float tensor to image_size, not antialiased (torchvision 0.13's
+    tensor resize, i.e. interpolate with align_corners=False). Returns (3, H, W) float32."""
+    tensor = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)  # (3, h, w)
+    if image_size is None:
+        return tensor
+    height, width = checked_image_size(image_size)
+    if tuple(tensor.shape[1:]) == (height, width):
+        return tensor  # a same-size bilinear resize is the identity
+    resized = F.interpolate(tensor[None], size=(height, width), mode="bilinear", align_corners=False, antialias=False)
+    return resized[0]  # (3, H, W)
 
 
 def checked_image_size(image_size: Sequence[int]) -> tuple[int, int]:

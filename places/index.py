@@ -154,11 +154,17 @@ def positives_within_radius(
     radius_m: float,
     database_groups: Sequence[str] | None = None,
     queries_groups: Sequence[str] | None = None,
+    algorithm: str = "auto",
 ) -> list[np.ndarray]:
     """For each query, the database indices within radius_m metres (inclusive), sorted by distance then index.
 
     With groups (e.g. the MSLS city), a query is compared only with database images of its own group, since UTM
     coordinates of different cities or zones are not comparable. Returns one int64 array per query.
+
+    algorithm: sklearn NearestNeighbors' search. The boundary depends on it: 'auto' (a kd-tree in 2-D, what the VG
+    benchmark uses) computes exact distances, while 'brute' (what mapillary_sls uses) computes them from dot
+    products, which at UTM magnitudes moves a database image near the radius in or out by ~1e-4 m. Each dataset
+    uses its reference's choice, so its positives are the reference's.
     """
     database_utms = _checked_utms(database_utms, "database_utms")
     queries_utms = _checked_utms(queries_utms, "queries_utms")
@@ -181,7 +187,7 @@ def positives_within_radius(
         group_database = np.flatnonzero(database_group_of == group)
         if len(group_database) == 0:
             continue
-        knn = NearestNeighbors().fit(database_utms[group_database])
+        knn = NearestNeighbors(algorithm=algorithm).fit(database_utms[group_database])
         distances, neighbours = knn.radius_neighbors(queries_utms[group_queries], radius=radius_m)
         for query, query_distances, query_neighbours in zip(group_queries, distances, neighbours):
             order = np.lexsort((query_neighbours, query_distances))

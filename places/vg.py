@@ -1,10 +1,9 @@
 """VG-benchmark folders (Pitts30k and others, as the VPR-datasets-downloader writes them):
-<datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg, UTM in the file names."""
+<datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg (also .jpeg, .png; listed by
+places.walk), UTM in the file names."""
 
 from __future__ import annotations
 
-import glob
-import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -19,9 +18,10 @@ from places.index import (
     utm_from_filename,
     without_images,
 )
+from places.walk import IMAGE_EXTENSIONS, find_images
 
 VG_SPLITS = ("train", "val", "test")
-VG_LAYOUT = "<datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg"
+VG_LAYOUT = "<datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg (or .jpeg, .png)"
 
 
 def build_vg_split(
@@ -93,12 +93,14 @@ def _vg_split_folder(datasets_folder: Path, dataset_name: str, split: str) -> Pa
 
 
 def _sorted_jpgs(split_folder: Path, part: str) -> list[str]:
-    """Sorted posix paths, relative to split_folder, of <split_folder>/<part>/**/*.jpg; DatasetError when none."""
-    pattern = os.path.join(glob.escape(str(split_folder / part)), "**", "*.jpg")
-    found = sorted(glob.glob(pattern, recursive=True))
-    if not found:
+    """Sorted posix paths, relative to split_folder, of the images under <split_folder>/<part> (places.walk: .jpg,
+    .jpeg or .png, symlinked folders not followed, each image once; what was left out is logged by name);
+    DatasetError when there is none."""
+    listing = find_images(split_folder / part)
+    listing.warn_about_skipped(split_folder / part)
+    if not listing.images:
         raise DatasetError(
-            f"no .jpg images under {split_folder / part} (searched recursively); expected files "
-            f"named '{VG_FILE_NAME_PATTERN}'"
+            f"no .jpg images under {split_folder / part} (nor {' or '.join(IMAGE_EXTENSIONS[1:])}; searched "
+            f"recursively); expected files named '{VG_FILE_NAME_PATTERN}'"
         )
-    return [Path(p).relative_to(split_folder).as_posix() for p in found]
+    return [f"{part}/{path}" for path in listing.images]
