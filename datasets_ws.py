@@ -16,7 +16,13 @@ import torch
 import torch.utils.data
 
 from places import toy_world
-from places.images import checked_image_size, find_unreadable_images, load_image
+from places.images import (
+    checked_image_size,
+    find_unreadable_images,
+    load_image,
+    load_image_uint8,
+    read_image_bytes,
+)
 from places.index import PlaceIndex
 from places.msls import build_msls_split
 from places.vg import build_vg_split
@@ -39,6 +45,23 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"ImageDataset({self.index.summary()}, image_size={self.image_size})"
+
+
+class RawImageDataset(ImageDataset):
+    """What the image loop's workers ship: item i is (image (3, H, W) uint8, i) with decoder "pil", or (the file's
+    bytes (n,) uint8, i) with decoder "torchvision" (decoded on the device, places.images.decode_images)."""
+
+    def __init__(self, index: PlaceIndex, image_size: tuple[int, int] | None, decoder: str = "pil"):
+        super().__init__(index, image_size)
+        if decoder not in ("pil", "torchvision"):
+            raise ValueError(f"image decoder must be 'pil' or 'torchvision', got {decoder!r}")
+        self.decoder = decoder
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.index.absolute_path(i)
+        if self.decoder == "torchvision":
+            return read_image_bytes(path), i
+        return load_image_uint8(path, self.image_size), i
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """Image files: decoding to RGB with errors that name the file, the preprocessing the network expects, and the scan
-for unreadable images behind --skip_bad_images."""
+for unreadable images behind --skip_bad_images.
+
+Two decoders feed the image loop (extraction.image_batches): "pil" decodes and resizes in DataLoader workers and
+ships uint8 pixels; "torchvision" ships the file bytes and decodes a whole batch on the compute device
+(torchvision.io.decode_jpeg: nvJPEG on CUDA). Either way ``normalize_images`` finishes on the device.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torch.utils.data
+import torchvision.io
 import torchvision.transforms.functional as TF
 from PIL import Image
 from tqdm import tqdm
@@ -17,6 +24,7 @@ from util import PRGSError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_DECODERS = ("pil", "torchvision")
 
 
 class BadImageError(PRGSError, ValueError):
@@ -47,6 +55,59 @@ def load_image(path: str | Path, image_size: tuple[int, int] | None) -> torch.Te
             image = image.resize((width, height), Image.BILINEAR)
     tensor = TF.to_tensor(image)
     return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def load_image_uint8(path: str | Path, image_size: tuple[int, int] | None) -> torch.Tensor:
+    """(3, H, W) uint8: load_image before its float conversion (``normalize_images`` finishes it on the device, to
+    the same float32 values: to_tensor and normalize are exactly rounded element-wise operations)."""
+    image = open_rgb_image(path)
+    if image_size is not None:
+        height, width = checked_image_size(image_size)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BILINEAR)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 ImageNet-normalised, as TF.to_tensor + TF.normalize compute it."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return images.float().div(255).sub_(mean).div_(std)
+
+
+def read_image_bytes(path: str | Path) -> torch.Tensor:
+    """The file's bytes as a uint8 tensor (for ``decode_images``); BadImageError naming the file if unreadable."""
+    try:
+        return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+    except OSError as error:
+        raise BadImageError(f"cannot read image {path}: {_describe(error)}") from error
+
+
+def decode_images(
+    encoded: Sequence[torch.Tensor], paths: Sequence[str | Path], image_size: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """File bytes of a batch -> uint8 (B, 3, H, W) on ``device``: JPEGs decoded together by torchvision on the
+    device (nvJPEG on CUDA), resized with antialiased bilinear interpolation when their size differs. A batch that
+    fails is decoded image by image; an image torchvision cannot decode goes through PIL, whose error names it."""
+    height, width = checked_image_size(image_size)
+    try:
+        decoded = torchvision.io.decode_jpeg(list(encoded), mode=torchvision.io.ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        decoded = [_decode_one(data, path, device) for data, path in zip(encoded, paths)]
+    resized = []
+    for image in decoded:  # (3, h, w) uint8
+        if tuple(image.shape[-2:]) != (height, width):
+            image = F.interpolate(image[None].float(), (height, width), mode="bilinear", antialias=True)[0]
+            image = image.round_().clamp_(0, 255).to(torch.uint8)
+        resized.append(image)
+    return torch.stack(resized)
+
+
+def _decode_one(data: torch.Tensor, path: str | Path, device: torch.device) -> torch.Tensor:
+    try:
+        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+    except RuntimeError:  # not a JPEG torchvision can read (PNG, CMYK, truncated): PIL decodes it or names it
+        return load_image_uint8(path, None).to(device)
 
 
 def checked_image_size(image_size: Sequence[int]) -> tuple[int, int]:
