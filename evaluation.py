@@ -24,7 +24,14 @@ from tqdm import tqdm
 
 import util
 from extraction import image_batches
-from feature_store import REFERENCE_BYTES_PER_IMAGE, StoreLayout, choose_tier, create_store
+from feature_store import (
+    REFERENCE_BYTES_PER_IMAGE,
+    LocalFeatureStore,
+    MemoryFeatureStore,
+    StoreLayout,
+    choose_tier,
+    create_store,
+)
 from model.backbone import patch_grid
 from model.network import PRGSNetwork
 from model.reranker import RerankKernel, match_probability, rerank_kernel
@@ -80,7 +87,7 @@ class Evaluation:
 
 def extract_features(
     model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, store_folder: Path | None
-) -> tuple[np.ndarray, object | None, dict[str, float]]:
+) -> tuple[np.ndarray, LocalFeatureStore | MemoryFeatureStore | None, dict[str, float]]:
     """Global descriptors (N, D) in RAM and local features in a store (feature_store.py), database first, then
     queries.
 
@@ -127,7 +134,9 @@ def extract_features(
     return descriptors, None if store is None else store.finish(), timings
 
 
-def _new_store(model: PRGSNetwork, num_images: int, settings: EvalSettings, kernel: RerankKernel, folder: Path):
+def _new_store(
+    model: PRGSNetwork, num_images: int, settings: EvalSettings, kernel: RerankKernel, folder: Path
+) -> LocalFeatureStore | MemoryFeatureStore:
     """An empty store for ``num_images`` in the tier ``settings.store_tier`` (auto: feature_store.choose_tier)."""
     layout = StoreLayout(
         patch_grid(settings.image_size),
@@ -234,8 +243,8 @@ def _scorer(model: PRGSNetwork, kernel: RerankKernel, settings: EvalSettings):
 def evaluate(
     model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, work_folder: Path, with_rerank: bool = True
 ) -> Evaluation:
-    """Extract, retrieve, rerank and score one split. The local-feature store lives in work_folder/local_features
-    and is deleted at the end. with_rerank=False skips the reranking (reranked = global order)."""
+    """Extract, retrieve, rerank and score one split. The local-feature store (in work_folder/local_features for
+    the disk tier) is dropped at the end. with_rerank=False skips the reranking (reranked = global order)."""
     store_folder = work_folder / "local_features"
     start = time.perf_counter()
     descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
@@ -355,7 +364,15 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 
 def eval_settings(args, device: torch.device) -> EvalSettings:
-    """EvalSettings from the evaluation flags (shared with train_reranking.py's validation)."""
+    """EvalSettings from the evaluation flags (shared with train_reranking.py's validation); "auto" resolved for the
+    device. A fused kernel on the CPU is refused here, before any work."""
+    kernel = rerank_kernel(resolve_auto(args.rerank_kernel, AUTO_RERANK_KERNEL, device))
+    if kernel.fused and device.type != "cuda":
+        raise util.PRGSError(
+            f"--rerank_kernel {kernel.name} runs on CUDA only (device {device}); use stage0 (or plain) on the CPU"
+        )
+    if args.rerank_cuda_graphs and device.type != "cuda":
+        logger.warning("--rerank_cuda_graphs has no effect on device %s (CUDA only)", device)
     return EvalSettings(
         image_size=tuple(args.resize),
         device=device,
@@ -366,7 +383,7 @@ def eval_settings(args, device: torch.device) -> EvalSettings:
         rerank_batch_size=args.rerank_batch_size,
         rerank_fusion=args.rerank_fusion,
         recall_values=args.recall_values,
-        rerank_kernel=resolve_auto(args.rerank_kernel, AUTO_RERANK_KERNEL, device),
+        rerank_kernel=kernel.name,
         rerank_cuda_graphs=args.rerank_cuda_graphs,
         store_tier=args.store_tier,
         store_dtype=args.store_dtype,

@@ -296,3 +296,13 @@ def test_cuda_graph_cache_runs_eagerly_without_cuda():
     calls = []
     cache = CudaGraphCache(lambda x: calls.append(x) or x * 2)
     assert torch.equal(cache(torch.ones(3)), torch.full((3,), 2.0)) and len(calls) == 1 and not cache.graphs
+
+
+def test_test_py_refuses_a_fused_kernel_on_the_cpu(small_toy_world, tmp_path, monkeypatch):
+    import test as test_script
+    from util import PRGSError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PRGSError, match="--rerank_kernel fused_tf32 runs on CUDA only .* use stage0"):
+        test_script.main(["--datasets_folder", str(small_toy_world), "--device", "cpu", "--rerank_kernel", "fused_tf32",
+                          "--num_workers", "0"])  # fmt: skip
