@@ -158,6 +158,7 @@ def _launch(args: tuple, precision: str, config: tuple[int, int, int, int], inte
     )  # fmt: skip
 
 
+_CONSTEXPRS = ("BLOCK_M", "BLOCK_N", "D1", "D2", "HAS_D2", "PRECISION", "P_BF16", "UPCAST")
 _KERNELS: dict[bool, object] = {}
 # integer arguments whose values vary between the reranker's shapes: no specialisation on them (fewer compilations)
 _NOT_SPECIALISED = ["stride_qnb", "stride_qnn", "stride_hnb", "stride_hnn", "stride_ob", "stride_on", "stride_ol",
@@ -167,6 +168,9 @@ _NOT_SPECIALISED = ["stride_qnb", "stride_qnn", "stride_hnb", "stride_hnn", "str
 def _kernel(interpret: bool):
     """The jitted kernel; jitted on first use so that TRITON_INTERPRET set by a test is honoured."""
     if interpret not in _KERNELS:
+        # the annotations as objects, not the strings of ``from __future__ import annotations``: every Triton
+        # version recognises tl.constexpr then
+        _l2_attention_kernel.__annotations__ = {name: tl.constexpr for name in _CONSTEXPRS}
         _KERNELS[interpret] = triton.jit(_l2_attention_kernel, do_not_specialize=_NOT_SPECIALISED)
     return _KERNELS[interpret]
 
