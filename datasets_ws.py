@@ -18,7 +18,14 @@ import torch.utils.data
 
 from places import toy_world
 from places.folders import FOLDERS_NAME, build_folder_split
-from places.images import PREPROCESSINGS, checked_image_size, find_unreadable_images, load_image
+from places.images import (
+    PREPROCESSINGS,
+    checked_image_size,
+    find_unreadable_images,
+    load_image,
+    load_image_uint8,
+    read_image_bytes,
+)
 from places.index import PlaceIndex
 from places.msls import build_msls_split
 from places.vg import build_vg_split
@@ -45,6 +52,30 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"ImageDataset({self.index.summary()}, image_size={self.image_size}, preprocessing={self.preprocessing})"
+
+
+class RawImageDataset(ImageDataset):
+    """What the image loop's workers ship: item i is (image (3, H, W) uint8, i) with decoder "pil", or (the file's
+    bytes (n,) uint8, i) with decoder "torchvision" (decoded on the device, places.images.decode_images); with the
+    'reference' preprocessing, which normalises before resizing, the finished (3, H, W) float32 image (PIL only)."""
+
+    def __init__(
+        self, index: PlaceIndex, image_size: tuple[int, int] | None, decoder: str = "pil", preprocessing: str = "pil"
+    ):
+        super().__init__(index, image_size, preprocessing)
+        if decoder not in ("pil", "torchvision"):
+            raise ValueError(f"image decoder must be 'pil' or 'torchvision', got {decoder!r}")
+        if decoder == "torchvision" and preprocessing == "reference":
+            raise ValueError("the reference's preprocessing resizes normalised pixels: it needs the 'pil' decoder")
+        self.decoder = decoder
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.index.absolute_path(i)
+        if self.preprocessing == "reference":
+            return load_image(path, self.image_size, "reference"), i
+        if self.decoder == "torchvision":
+            return read_image_bytes(path), i
+        return load_image_uint8(path, self.image_size), i
 
 
 # ----------------------------------------------------------------------------------------------------------------

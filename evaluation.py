@@ -26,11 +26,18 @@ from tqdm import tqdm
 
 import util
 from extraction import image_batches
-from feature_store import REFERENCE_BYTES_PER_IMAGE, LocalFeatureStore
+from feature_store import (
+    REFERENCE_BYTES_PER_IMAGE,
+    LocalFeatureStore,
+    MemoryFeatureStore,
+    StoreLayout,
+    choose_tier,
+    create_store,
+)
 from model.backbone import patch_grid
 from model.correspondences import cross_graph_attention, stage_node_boxes
 from model.network import PRGSNetwork
-from model.reranker import stage_grids
+from model.reranker import RerankKernel, match_probability, rerank_kernel, stage_grids
 from places.images import image_tensor, open_rgb_image
 from places.index import DatasetError, PlaceIndex
 from places.msls import msls_map_at_k, write_msls_submission, zip_msls_submission
@@ -38,6 +45,10 @@ from retrieval import clamp_top_k, exact_knn, faiss_uses_gpu, first_correct_rank
 from visualize import RerankedCandidate, save_prediction_picture, save_rerank_picture
 
 logger = logging.getLogger(__name__)
+
+# What "auto" picks per device type (docs/reranker_speed.md). One-line switches, flipped only on GPU measurements.
+AUTO_RERANK_KERNEL = {"cpu": "stage0", "cuda": "plain"}
+AUTO_IMAGE_DECODER = {"cpu": "pil", "cuda": "pil"}
 
 
 @dataclass
@@ -52,6 +63,11 @@ class EvalSettings:
     rerank_fusion: float = 0.0
     recall_values: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 100])
     preprocessing: str = "pil"  # or "reference": the reference's test-time function (places.images.load_image)
+    rerank_kernel: str = "plain"  # a name of model.reranker.RERANK_KERNELS
+    rerank_cuda_graphs: bool = False  # replay the reranker as a CUDA graph per batch shape (CUDA only)
+    store_tier: str = "auto"  # feature_store.TIERS or "auto"
+    store_dtype: str = "float16"
+    image_decoder: str = "pil"  # places.images.IMAGE_DECODERS
 
 
 @dataclass
@@ -67,6 +83,7 @@ class Evaluation:
     reranked_recalls: dict[int, float] | None
     timings: dict[str, float]
     store_bytes_per_image: int
+    store_tier: str | None = None  # where the local features were held: device, host or disk
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -75,31 +92,25 @@ class Evaluation:
 
 def extract_features(
     model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, store_folder: Path | None
-) -> tuple[np.ndarray, LocalFeatureStore | None, dict[str, float]]:
-    """Global descriptors (N, D) in RAM and local features in a LocalFeatureStore, database first, then queries.
+) -> tuple[np.ndarray, LocalFeatureStore | MemoryFeatureStore | None, dict[str, float]]:
+    """Global descriptors (N, D) in RAM and local features in a store (feature_store.py), database first, then
+    queries.
 
-    Returns (descriptors, the store opened for reading, timings): extraction_ms_per_image (loading included) and
-    forward_ms_per_image (network only, device synchronised), each for database and queries. With store_folder
-    None only global descriptors are computed (global-only forward) and no store is returned.
+    Returns (descriptors, the store ready for reading, timings): per database / queries, extraction_ms_per_image
+    (everything), load_ms_per_image (waiting for decoded images on the device), forward_ms_per_image (network
+    only) and store_write_ms_per_image (the stage-0 self graph when the kernel precomputes it, and the write). With
+    store_folder None only global descriptors are computed (global-only forward) and no store is returned.
     """
-    store = None
-    if store_folder is not None:
-        store = LocalFeatureStore.create(
-            store_folder,
-            len(index),
-            patch_grid(settings.image_size),
-            settings.image_size,
-            model.backbone.patch_size,
-            model.config.num_kept_nodes,
-            model.config.local_dim,
-        )
+    kernel = rerank_kernel(settings.rerank_kernel)
+    store = None if store_folder is None else _new_store(model, len(index), settings, kernel, store_folder)
     descriptors = np.empty((len(index), model.config.fc_output_dim), dtype=np.float32)
+    grid = patch_grid(settings.image_size)
     timings = {}
     for part, image_ids in (
         ("database", range(index.database_num)),
         ("queries", range(index.database_num, len(index))),
     ):
-        forward = util.Stopwatch(settings.device)
+        forward, load, write = (util.Stopwatch(settings.device) for _ in range(3))
         start = time.perf_counter()
         for ids, output in image_batches(
             model,
@@ -113,24 +124,53 @@ def extract_features(
             settings.precision,
             f"extracting {part}",
             forward,
+            load,
+            settings.image_decoder,
             settings.preprocessing,
         ):
             descriptors[ids] = (output if store is None else output[0]).float().cpu().numpy()
             if store is not None:
-                _write_to_store(store, ids, output[1])
+                with write, torch.inference_mode():
+                    stage0 = model.stage0_nodes(output[1], grid, kernel) if kernel.precomputed_stage0 else None
+                    _write_to_store(store, ids, output[1], stage0)
         count = max(1, len(image_ids))
-        timings[f"extraction_ms_per_image_{part}"] = 1000 * (time.perf_counter() - start) / count
-        timings[f"forward_ms_per_image_{part}"] = 1000 * forward.seconds / count
-    if store is None:
-        return descriptors, None, timings
-    store.close()
-    return descriptors, LocalFeatureStore.open(store_folder), timings
+        for name, seconds in (("extraction", time.perf_counter() - start), ("load", load.seconds),
+                              ("forward", forward.seconds), ("store_write", write.seconds)):  # fmt: skip
+            timings[f"{name}_ms_per_image_{part}"] = 1000 * seconds / count
+    return descriptors, None if store is None else store.finish(), timings
 
 
-def _write_to_store(store: LocalFeatureStore, ids: np.ndarray, nodes: torch.Tensor) -> None:
-    """store.write, with a failed write (a full disk) reported as an OutputWriteError naming the store."""
+def _new_store(
+    model: PRGSNetwork, num_images: int, settings: EvalSettings, kernel: RerankKernel, folder: Path
+) -> LocalFeatureStore | MemoryFeatureStore:
+    """An empty store for ``num_images`` in the tier ``settings.store_tier`` (auto: feature_store.choose_tier)."""
+    layout = StoreLayout(
+        patch_grid(settings.image_size),
+        settings.image_size,
+        model.backbone.patch_size,
+        model.config.num_kept_nodes,
+        model.config.local_dim,
+        content="stage0" if kernel.precomputed_stage0 else "nodes",
+        feature_dtype=settings.store_dtype,
+    )
+    tier, why = choose_tier(settings.store_tier, num_images, layout, settings.device)
+    logger.info(
+        "local-feature store: %s tier (%s), %s %s rows, %d B per image",
+        tier,
+        why,
+        layout.content,
+        layout.feature_dtype,
+        layout.bytes_per_image,
+    )
+    return create_store(folder, num_images, layout, tier, settings.device)
+
+
+def _write_to_store(
+    store: LocalFeatureStore | MemoryFeatureStore, ids: np.ndarray, nodes: torch.Tensor, stage0: torch.Tensor | None
+) -> None:
+    """store.write, with a failed write of the disk tier (a full disk) reported as an OutputWriteError naming it."""
     try:
-        store.write(ids, nodes)
+        store.write(ids, nodes, stage0)
     except OSError as error:
         raise util.OutputWriteError(
             f"cannot write the local-feature store {store.folder}: {util.describe_write_error(error, store.folder)}"
@@ -148,48 +188,70 @@ def rerank(
     with the global similarity).
 
     predictions / distances (Nq, K >= rerank_top) from global retrieval -> (reranked predictions (Nq, K) with the
-    columns after rerank_top left in global order, final scores (Nq, rerank_top), timings). ``store`` is a
-    LocalFeatureStore (or anything with its read_compact/expand): the next batch of queries is read in a background
-    thread while this one runs, and rows are expanded to the reranker's input on the device.
+    columns after rerank_top left in global order, final scores (Nq, rerank_top), timings). ``store`` is a store of
+    feature_store.py (or anything with its ``content``, read_compact and expand): the next batch of queries is
+    read in a background thread while this one runs, and rows are expanded to the reranker's input on the device.
     """
-    top = settings.rerank_top
-    num_queries = len(predictions)
-    grid = patch_grid(settings.image_size)
+    top, num_queries = settings.rerank_top, len(predictions)
+    kernel = rerank_kernel(settings.rerank_kernel)
+    if store.content != ("stage0" if kernel.precomputed_stage0 else "nodes"):
+        raise ValueError(f"reranker kernel {kernel.name} cannot read a store of {store.content!r} rows")
     reranked = predictions.copy()
     scores = np.empty((num_queries, top), dtype=np.float32)
     batches = [
         np.arange(s, min(s + settings.rerank_batch_size, num_queries))
         for s in range(0, num_queries, settings.rerank_batch_size)
     ]
+    score = _scorer(model, kernel, settings)
 
     def read_batch(queries: np.ndarray):
-        """Compact rows of the queries and their candidates (file reads only; runs in the background thread)."""
-        return store.read_compact(np.concatenate([database_num + queries, predictions[queries, :top].reshape(-1)]))
+        """Compact rows of each query followed by its candidates (file reads only for the disk tier)."""
+        group = np.concatenate([database_num + queries[:, None], predictions[queries, :top]], axis=1)  # (b, 1+K)
+        return store.read_compact(group.reshape(-1))
 
-    forward = util.Stopwatch(settings.device)
+    forward, read_wait, expand = (util.Stopwatch(settings.device) for _ in range(3))
     start = time.perf_counter()
     model.eval()
     with ThreadPoolExecutor(max_workers=1) as reader, torch.inference_mode():
         pending = reader.submit(read_batch, batches[0]) if batches else None
         for number, queries in enumerate(tqdm(batches, desc="reranking", unit="batch", leave=False)):
-            compact = pending.result()
+            with read_wait:
+                compact = pending.result()
             if number + 1 < len(batches):
                 pending = reader.submit(read_batch, batches[number + 1])
-            nodes = store.expand(*compact, device=settings.device)  # (b + b*K, L, C)
-            query_nodes = nodes[: len(queries)]  # (b, L, C)
-            candidate_nodes = nodes[len(queries) :].reshape(len(queries), top, *nodes.shape[1:])  # (b, K, L, C)
-            with forward, util.autocast(settings.device, settings.precision):
-                probabilities = model.rerank(query_nodes, candidate_nodes, grid=grid).float().cpu().numpy()  # (b, K)
+            with expand:
+                nodes = store.expand(*compact, device=settings.device)  # (b * (1+K), L, C)
+                nodes = nodes.reshape(len(queries), 1 + top, *nodes.shape[1:])  # (b, 1+K, L, C), query first
+            with forward:
+                probabilities = score(nodes).float().cpu().numpy()  # (b, K)
             batch_scores = fused_scores(probabilities, distances[queries, :top], settings.rerank_fusion)
             order = np.argsort(-batch_scores, axis=1, kind="stable")  # (b, K)
             reranked[queries, :top] = np.take_along_axis(predictions[queries, :top], order, axis=1)
             scores[queries] = np.take_along_axis(batch_scores, order, axis=1)
     elapsed = time.perf_counter() - start
+    per_query = 1000 / max(1, num_queries)
     timings = {
-        "rerank_ms_per_query": 1000 * elapsed / max(1, num_queries),
-        "rerank_forward_ms_per_query": 1000 * forward.seconds / max(1, num_queries),
+        "rerank_ms_per_query": elapsed * per_query,
+        "rerank_forward_ms_per_query": forward.seconds * per_query,
+        "rerank_read_wait_ms_per_query": read_wait.seconds * per_query,
+        "rerank_expand_ms_per_query": expand.seconds * per_query,
     }
     return reranked, scores, timings
+
+
+def _scorer(model: PRGSNetwork, kernel: RerankKernel, settings: EvalSettings):
+    """nodes (b, 1+K, L, C) -> P(same place) (b, K): the reranker with ``kernel``, under the --precision autocast
+    for the cdist kernels (the fused kernels fix their own precision), as a CUDA graph when asked."""
+    grid = patch_grid(settings.image_size)
+    precision = "fp32" if kernel.fused else settings.precision
+
+    def score(nodes: torch.Tensor) -> torch.Tensor:
+        with util.autocast(settings.device, precision):
+            return match_probability(model.reranker(nodes, grid, kernel))
+
+    if settings.rerank_cuda_graphs and settings.device.type == "cuda":
+        return util.CudaGraphCache(score)
+    return score
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,26 +261,30 @@ def rerank(
 def evaluate(
     model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, work_folder: Path, with_rerank: bool = True
 ) -> Evaluation:
-    """Extract, retrieve, rerank and score one split. The local-feature store lives in work_folder/local_features
-    and is deleted at the end, however the evaluation ends (an error, Ctrl-C, a full disk). with_rerank=False skips
-    the reranking (reranked = global order)."""
+    """Extract, retrieve, rerank and score one split. The local-feature store (in work_folder/local_features for
+    the disk tier) is dropped at the end, however the evaluation ends (an error, Ctrl-C, a full disk).
+    with_rerank=False skips the reranking (reranked = global order)."""
     if index.queries_num == 0 or index.database_num == 0:
         raise DatasetError(f"{index.summary()} has no queries or no database images: there is nothing to evaluate")
     store_folder = work_folder / "local_features"
     store = None
     try:
+        start = time.perf_counter()
         descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
+        timings["extraction_seconds"] = time.perf_counter() - start
         database, queries = descriptors[: index.database_num], descriptors[index.database_num :]
         top = clamp_top_k(settings.rerank_top, index.database_num)
         num_columns = clamp_top_k(max(top, max(settings.recall_values)), index.database_num, "recall@N")
         start = time.perf_counter()
         distances, predictions = exact_knn(database, queries, num_columns, settings.device)
-        timings["retrieval_ms_per_query"] = 1000 * (time.perf_counter() - start) / max(1, index.queries_num)
+        timings["retrieval_seconds"] = time.perf_counter() - start
+        timings["retrieval_ms_per_query"] = 1000 * timings["retrieval_seconds"] / max(1, index.queries_num)
         if with_rerank:
+            start = time.perf_counter()
             reranked, scores, rerank_timings = rerank(
                 model, store, predictions, distances, index.database_num, _with(settings, rerank_top=top)
             )
-            timings.update(rerank_timings)
+            timings.update(rerank_timings, rerank_seconds=time.perf_counter() - start)
         else:
             reranked, scores = predictions, np.full((len(predictions), top), np.nan, dtype=np.float32)
     finally:
@@ -240,6 +306,7 @@ def evaluate(
         reranked_recalls,
         timings,
         store.bytes_per_image if store is not None else 0,
+        store.tier if store is not None else None,
     )
 
 
@@ -394,7 +461,19 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 
 def eval_settings(args, device: torch.device) -> EvalSettings:
-    """EvalSettings from the evaluation flags (shared with train_reranking.py's validation)."""
+    """EvalSettings from the evaluation flags (shared with train_reranking.py's validation); "auto" resolved for the
+    device. A fused kernel on the CPU is refused here, before any work."""
+    kernel = rerank_kernel(resolve_auto(args.rerank_kernel, AUTO_RERANK_KERNEL, device))
+    if kernel.fused and device.type != "cuda":
+        raise util.PRGSError(
+            f"--rerank_kernel {kernel.name} runs on CUDA only (device {device}); use stage0 (or plain) on the CPU"
+        )
+    if args.rerank_cuda_graphs and device.type != "cuda":
+        logger.warning("--rerank_cuda_graphs has no effect on device %s (CUDA only)", device)
+    # the reference's preprocessing resizes normalised pixels: only the PIL workers compute it (parser.py refuses
+    # an explicit --image_decoder torchvision with it)
+    image_decoder = "pil" if args.preprocessing == "reference" else args.image_decoder
+    image_decoder = resolve_auto(image_decoder, AUTO_IMAGE_DECODER, device)
     return EvalSettings(
         image_size=tuple(args.resize),
         device=device,
@@ -406,7 +485,17 @@ def eval_settings(args, device: torch.device) -> EvalSettings:
         rerank_fusion=args.rerank_fusion,
         recall_values=args.recall_values,
         preprocessing=args.preprocessing,
+        rerank_kernel=kernel.name,
+        rerank_cuda_graphs=args.rerank_cuda_graphs,
+        store_tier=args.store_tier,
+        store_dtype=args.store_dtype,
+        image_decoder=image_decoder,
     )
+
+
+def resolve_auto(value: str, auto: dict[str, str], device: torch.device) -> str:
+    """``value``, or what ``auto`` picks for the device type when it is "auto"."""
+    return auto[device.type] if value == "auto" else value
 
 
 def recalls_by_name(evaluation: Evaluation) -> dict:
@@ -443,6 +532,7 @@ def build_results(
         "timings": {**{k: round(v, 4) for k, v in evaluation.timings.items()}, "total_seconds": round(seconds, 2)},
         "memory": {k: round(v, 1) for k, v in peak_memory_mb(device).items()},
         "store": {
+            "tier": evaluation.store_tier,
             "bytes_per_image": evaluation.store_bytes_per_image,
             "reference_bytes_per_image": REFERENCE_BYTES_PER_IMAGE,
             "fraction_of_reference": round(evaluation.store_bytes_per_image / REFERENCE_BYTES_PER_IMAGE, 4),

@@ -13,11 +13,14 @@ import logging
 import math
 from pathlib import Path
 
+from evaluation import AUTO_IMAGE_DECODER, AUTO_RERANK_KERNEL
+from feature_store import DEVICE_MEMORY_SHARE, FEATURE_DTYPES, HOST_MEMORY_SHARE, TIERS
 from model.backbone import BACKBONES, patch_grid
 from model.checkpoint import CheckpointError, open_checkpoint
 from model.network import ModelConfig
-from model.reranker import num_regions
+from model.reranker import RERANK_KERNELS, num_regions
 from places.folders import FOLDERS_NAME
+from places.images import IMAGE_DECODERS
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +219,56 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
     )
 
 
+def _auto_text(auto: dict[str, str]) -> str:
+    """{"cpu": "a", "cuda": "b"} -> "a on the CPU, b on CUDA" (or "a" when both agree)."""
+    if len(set(auto.values())) == 1:
+        return next(iter(auto.values()))
+    return f"{auto['cpu']} on the CPU, {auto['cuda']} on CUDA"
+
+
+def add_speed_args(group) -> None:
+    """How evaluation computes (the same function, faster): reranker kernel, CUDA graphs, store, image decoding."""
+    group.add_argument(
+        "--rerank_kernel",
+        choices=("auto", *RERANK_KERNELS),
+        default="auto",
+        help="how the reranker computes (docs/reranker_speed.md): 'plain' reproduces the reference; 'stage0' runs "
+        "each image's stage-0 self graph once, at extraction, instead of once per (query, candidate) pair (same "
+        "function); 'fused_tf32' / 'fused_bf16' add a fused Triton distance attention on TF32 / bf16 tensor cores "
+        f"(CUDA; other rounding). auto: {_auto_text(AUTO_RERANK_KERNEL)}. The fused kernels ignore --precision",
+    )
+    group.add_argument(
+        "--rerank_cuda_graphs",
+        action="store_true",
+        help="replay the reranker as a CUDA graph per batch shape (CUDA only; saves the launch overhead of its "
+        "many small operations)",
+    )
+    group.add_argument(
+        "--store_tier",
+        choices=("auto", *TIERS),
+        default="auto",
+        help="where the local features are held during evaluation (docs/feature_store.md): 'device' (GPU memory), "
+        "'host' (RAM, pinned on CUDA machines), 'disk'; auto: the device when the store takes at most "
+        f"{DEVICE_MEMORY_SHARE * 100:.0f}%% of the free GPU memory, else RAM when it takes at most "
+        f"{HOST_MEMORY_SHARE * 100:.0f}%% of the available RAM, else disk",
+    )
+    group.add_argument(
+        "--store_dtype",
+        choices=tuple(FEATURE_DTYPES),
+        default="float16",
+        help="precision of the stored local features: float16 halves the store; float32 keeps the reranker's "
+        "input exact (float16 rounding can swap near-tied candidates)",
+    )
+    group.add_argument(
+        "--image_decoder",
+        choices=("auto", *IMAGE_DECODERS),
+        default="auto",
+        help="'pil': DataLoader workers decode and resize; 'torchvision': workers read the files and the device "
+        "decodes each batch (nvJPEG on CUDA; JPEGs only, others fall back to PIL). "
+        f"auto: {_auto_text(AUTO_IMAGE_DECODER)}",
+    )
+
+
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation")
     group.add_argument(
@@ -231,6 +284,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="queries per reranker call (preset 2; memory grows with it)",
     )
+    add_speed_args(group)
     group.add_argument(
         "--rerank_fusion",
         type=_fraction,
@@ -533,6 +587,11 @@ def parse_test_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.dataset_name = FOLDERS_NAME
     apply_presets(args, parser)
     resolve_preprocessing(args, evaluates_checkpoints=True)
+    if args.preprocessing == "reference" and args.image_decoder == "torchvision":
+        parser.error(
+            "--preprocessing reference resizes normalised pixels, which only the PIL workers compute: use "
+            "--image_decoder pil (or auto)"
+        )
     return args
 
 

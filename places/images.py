@@ -1,6 +1,11 @@
 """Image files: decoding to upright RGB (EXIF orientation applied) with errors that name the file, the two
 preprocessings the network may get ('pil', this project's and the reference's training one; 'reference', the
-reference's test-time function), and the scan for unreadable images behind --skip_bad_images."""
+reference's test-time function), and the scan for unreadable images behind --skip_bad_images.
+
+Two decoders feed the image loop (extraction.image_batches): "pil" decodes and resizes in DataLoader workers and
+ships uint8 pixels; "torchvision" ships the file bytes and decodes a whole batch on the compute device
+(torchvision.io.decode_jpeg: nvJPEG on CUDA). Either way ``normalize_images`` finishes on the device.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.data
+import torchvision.io
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from tqdm import tqdm
@@ -19,6 +25,7 @@ from util import PRGSError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_DECODERS = ("pil", "torchvision")
 
 
 class BadImageError(PRGSError, ValueError):
@@ -93,12 +100,16 @@ def image_tensor(image: Image.Image, image_size: tuple[int, int] | None) -> torc
     """RGB PIL image -> (3, H, W) float32, the 'pil' preprocessing: PIL bilinear resize (antialiased) to
     image_size=(H, W) if given and different (the aspect ratio is not kept: every image of a split becomes H x W),
     then ImageNet normalisation."""
-    if image_size is not None:
-        height, width = checked_image_size(image_size)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.BILINEAR)
-    tensor = TF.to_tensor(image)
+    tensor = TF.to_tensor(_resized(image, image_size))
     return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _resized(image: Image.Image, image_size: tuple[int, int] | None) -> Image.Image:
+    """PIL bilinear (antialiased) resize to image_size=(H, W) when given and different."""
+    if image_size is None:
+        return image
+    height, width = checked_image_size(image_size)
+    return image if image.size == (width, height) else image.resize((width, height), Image.BILINEAR)
 
 
 def reference_test_tensor(image: Image.Image, image_size: tuple[int, int] | None) -> torch.Tensor:
@@ -113,6 +124,60 @@ def reference_test_tensor(image: Image.Image, image_size: tuple[int, int] | None
         return tensor  # a same-size bilinear resize is the identity
     resized = F.interpolate(tensor[None], size=(height, width), mode="bilinear", align_corners=False, antialias=False)
     return resized[0]  # (3, H, W)
+
+
+def load_image_uint8(path: str | Path, image_size: tuple[int, int] | None) -> torch.Tensor:
+    """(3, H, W) uint8: load_image before its float conversion (``normalize_images`` finishes it on the device, to
+    the same float32 values: to_tensor and normalize are exactly rounded element-wise operations)."""
+    image = _resized(open_rgb_image(path), image_size)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 ImageNet-normalised, as TF.to_tensor + TF.normalize compute it."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return images.float().div(255).sub_(mean).div_(std)
+
+
+def read_image_bytes(path: str | Path) -> torch.Tensor:
+    """The file's bytes as a uint8 tensor (for ``decode_images``); BadImageError naming the file if unreadable."""
+    try:
+        return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+    except OSError as error:
+        raise BadImageError(f"cannot read image {path}: {_describe(error)}") from error
+
+
+def decode_images(
+    encoded: Sequence[torch.Tensor], paths: Sequence[str | Path], image_size: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """File bytes of a batch -> uint8 (B, 3, H, W) on ``device``: JPEGs decoded together by torchvision on the
+    device (nvJPEG on CUDA), turned upright by their EXIF orientation as open_rgb_image does, resized with
+    antialiased bilinear interpolation when their size differs. A batch that fails is decoded image by image; an
+    image torchvision cannot decode goes through PIL, whose error names it."""
+    height, width = checked_image_size(image_size)
+    try:
+        decoded = torchvision.io.decode_jpeg(
+            list(encoded), mode=torchvision.io.ImageReadMode.RGB, device=device, apply_exif_orientation=True
+        )
+    except RuntimeError:
+        decoded = [_decode_one(data, path, device) for data, path in zip(encoded, paths)]
+    resized = []
+    for image in decoded:  # (3, h, w) uint8
+        if tuple(image.shape[-2:]) != (height, width):
+            image = F.interpolate(image[None].float(), (height, width), mode="bilinear", antialias=True)[0]
+            image = image.round_().clamp_(0, 255).to(torch.uint8)
+        resized.append(image)
+    return torch.stack(resized)
+
+
+def _decode_one(data: torch.Tensor, path: str | Path, device: torch.device) -> torch.Tensor:
+    try:
+        return torchvision.io.decode_jpeg(
+            data, mode=torchvision.io.ImageReadMode.RGB, device=device, apply_exif_orientation=True
+        )
+    except RuntimeError:  # not a JPEG torchvision can read (PNG, CMYK, truncated): PIL decodes it or names it
+        return load_image_uint8(path, None).to(device)
 
 
 def checked_image_size(image_size: Sequence[int]) -> tuple[int, int]:
