@@ -224,13 +224,13 @@ def test_ctrl_c_during_evaluation_removes_the_store_and_says_what_was_kept(
 ):
     written = []
 
-    def write_then_interrupt(store, ids, nodes):
+    def write_then_interrupt(store, ids, nodes, stage0=None):
         written.append(store.folder)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(feature_store.LocalFeatureStore, "write", write_then_interrupt)
     folder = tmp_path / "run"
-    argv = ["--datasets_folder", str(small_toy_world), "--output_folder", str(folder), *FAST]
+    argv = ["--datasets_folder", str(small_toy_world), "--output_folder", str(folder), "--store_tier", "disk", *FAST]
     status, line = run_script(test_script.main, argv, capsys)
     assert status == 130 and line == f"interrupted: nothing was kept: the run folder {folder} was removed"
     assert written and not written[0].exists() and not folder.exists()
@@ -262,7 +262,7 @@ def test_a_full_disk_while_storing_local_features_is_one_line(small_toy_world, t
 
     monkeypatch.setattr(feature_store.os, "pwrite", disk_full)
     folder = tmp_path / "run"
-    argv = ["--datasets_folder", str(small_toy_world), "--output_folder", str(folder), *FAST]
+    argv = ["--datasets_folder", str(small_toy_world), "--output_folder", str(folder), "--store_tier", "disk", *FAST]
     status, line = run_script(test_script.main, argv, capsys)
     assert status == 2
     assert f"cannot write the local-feature store {folder / 'local_features'}" in line
