@@ -1,7 +1,9 @@
 """Evaluation of one split: extract -> local-feature store -> global retrieval -> rerank -> recall@N -> outputs.
 
 ``evaluate`` is what test.py runs and what training validates with. The outputs (results.json, predictions.csv)
-are described in docs/outputs.md.
+are described in docs/outputs.md. Under torchrun the ranks share the extraction (each its whole batches of the
+database and of the queries, into a store of its own) and the reranking (each its whole batches of queries); rank 0
+searches; every rank ends with the same Evaluation, equal to a one-process run's (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.utils.data
 from tqdm import tqdm
 
+import distributed
 import util
 from extraction import image_batches
 from feature_store import REFERENCE_BYTES_PER_IMAGE, LocalFeatureStore
@@ -29,7 +32,15 @@ from model.backbone import patch_grid
 from model.network import PRGSNetwork
 from places.index import PlaceIndex
 from places.msls import msls_map_at_k, write_msls_submission
-from retrieval import clamp_top_k, exact_knn, faiss_uses_gpu, first_correct_rank, fused_scores, recall_at_n
+from retrieval import (
+    approximate_knn,
+    clamp_top_k,
+    exact_knn,
+    faiss_uses_gpu,
+    first_correct_rank,
+    fused_scores,
+    recall_at_n,
+)
 from visualize import save_prediction_picture
 
 logger = logging.getLogger(__name__)
@@ -46,6 +57,9 @@ class EvalSettings:
     rerank_batch_size: int = 2
     rerank_fusion: float = 0.0
     recall_values: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 100])
+    faiss_index: str | None = None  # index-factory string for approximate search; None: exact
+    faiss_nprobe: int = 32
+    faiss_train_size: int = 100_000
 
 
 @dataclass
@@ -61,6 +75,8 @@ class Evaluation:
     reranked_recalls: dict[int, float] | None
     timings: dict[str, float]
     store_bytes_per_image: int
+    retrieval: dict = field(default_factory=dict)  # the index searched; with --faiss_index, exact search beside it
+    ranks: dict = field(default_factory=dict)  # world_size, images_per_rank (extracted), queries_per_rank (reranked)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,55 +85,125 @@ class Evaluation:
 
 def extract_features(
     model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, store_folder: Path | None
-) -> tuple[np.ndarray, LocalFeatureStore | None, dict[str, float]]:
+) -> tuple[np.ndarray, LocalFeatureStore | ShardedStore | None, dict[str, float]]:
     """Global descriptors (N, D) in RAM and local features in a LocalFeatureStore, database first, then queries.
 
     Returns (descriptors, the store opened for reading, timings): extraction_ms_per_image (loading included) and
-    forward_ms_per_image (network only, device synchronised), each for database and queries. With store_folder
-    None only global descriptors are computed (global-only forward) and no store is returned.
+    forward_ms_per_image (network only, device synchronised), each for database and queries, of this rank's images.
+    With store_folder None only global descriptors are computed (global-only forward) and no store is returned.
+    With several ranks each extracts its whole batches (shard_layout) into store_folder/rank_<r>, every rank receives
+    all descriptors, and the store returned reads every rank's part.
     """
-    store = None
+    world, store = distributed.world_size(), None
+    holder, rows = shard_layout(index.database_num, index.queries_num, settings.infer_batch_size, world)
+    mine = holder == distributed.rank()
     if store_folder is not None:
-        store = LocalFeatureStore.create(
-            store_folder,
-            len(index),
-            patch_grid(settings.image_size),
-            settings.image_size,
-            model.backbone.patch_size,
-            model.config.num_kept_nodes,
-            model.config.local_dim,
-        )
+        own_folder = store_folder if world == 1 else store_folder / f"rank_{distributed.rank()}"
+        store = _create_store(model, settings, own_folder, int(mine.sum()))
     descriptors = np.empty((len(index), model.config.fc_output_dim), dtype=np.float32)
     timings = {}
     for part, image_ids in (
-        ("database", range(index.database_num)),
-        ("queries", range(index.database_num, len(index))),
+        ("database", np.arange(index.database_num)),
+        ("queries", np.arange(index.database_num, len(index))),
     ):
+        own = image_ids[mine[image_ids]]
         forward = util.Stopwatch(settings.device)
         start = time.perf_counter()
-        for ids, output in image_batches(
-            model,
-            lambda images: model(images, global_only=store is None),
-            index,
-            image_ids,
-            settings.image_size,
-            settings.device,
-            settings.infer_batch_size,
-            settings.num_workers,
-            settings.precision,
-            f"extracting {part}",
-            forward,
-        ):
-            descriptors[ids] = (output if store is None else output[0]).float().cpu().numpy()
-            if store is not None:
-                store.write(ids, output[1])
-        count = max(1, len(image_ids))
+        with distributed.stop_together(f"extracting {part}"):
+            for ids, output in image_batches(
+                model,
+                lambda images: model(images, global_only=store is None),
+                index,
+                own,
+                settings.image_size,
+                settings.device,
+                settings.infer_batch_size,
+                settings.num_workers,
+                settings.precision,
+                f"extracting {part}",
+                forward,
+            ):
+                descriptors[ids] = (output if store is None else output[0]).float().cpu().numpy()
+                if store is not None:
+                    store.write(rows[ids], output[1])
+        count = max(1, len(own))
         timings[f"extraction_ms_per_image_{part}"] = 1000 * (time.perf_counter() - start) / count
         timings[f"forward_ms_per_image_{part}"] = 1000 * forward.seconds / count
+        if world > 1:
+            descriptors[image_ids] = distributed.gather_rows(descriptors[own])
     if store is None:
         return descriptors, None, timings
-    store.close()
-    return descriptors, LocalFeatureStore.open(store_folder), timings
+    with distributed.stop_together("writing the local-feature store"):
+        store.close()
+    if world == 1:
+        return descriptors, LocalFeatureStore.open(store_folder), timings
+    return descriptors, ShardedStore.open(store_folder, holder, rows), timings
+
+
+def _create_store(model: PRGSNetwork, settings: EvalSettings, folder: Path, num_images: int) -> LocalFeatureStore:
+    return LocalFeatureStore.create(
+        folder,
+        num_images,
+        patch_grid(settings.image_size),
+        settings.image_size,
+        model.backbone.patch_size,
+        model.config.num_kept_nodes,
+        model.config.local_dim,
+    )
+
+
+def shard_layout(database_num: int, queries_num: int, batch_size: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """Who extracts and stores each image of a split when ``world`` ranks share it: (the rank (N,), the row in that
+    rank's store (N,)). Rank r takes its whole batches of the database, then of the queries
+    (distributed.shard_bounds), and stores them in that order. One rank: rank 0 and row = image index."""
+    holder = np.empty(database_num + queries_num, dtype=np.int64)
+    rows = np.empty(database_num + queries_num, dtype=np.int64)
+    for number in range(world):
+        database = np.arange(database_num)[distributed.shard_bounds(database_num, batch_size, number, world)]
+        queries = (
+            database_num + np.arange(queries_num)[distributed.shard_bounds(queries_num, batch_size, number, world)]
+        )
+        holder[database], rows[database] = number, np.arange(len(database))
+        holder[queries], rows[queries] = number, len(database) + np.arange(len(queries))
+    return holder, rows
+
+
+class ShardedStore:
+    """The local-feature stores of several ranks (one LocalFeatureStore each, in <folder>/rank_<r>) read as one:
+    rows of any image come from the store that holds it (shard_layout). Offers what rerank and evaluate use:
+    read_compact, expand, bytes_per_image, close."""
+
+    def __init__(self, stores: list[LocalFeatureStore], holder: np.ndarray, rows: np.ndarray):
+        self.stores, self.holder, self.rows = stores, holder, rows
+
+    @classmethod
+    def open(cls, folder: Path, holder: np.ndarray, rows: np.ndarray) -> ShardedStore:
+        return cls([LocalFeatureStore.open(folder / f"rank_{r}") for r in range(holder.max() + 1)], holder, rows)
+
+    def read_compact(self, image_indices: np.ndarray | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """As LocalFeatureStore.read_compact: ([attention, f] (n, num_kept, 1 + local_dim) float16, grid positions
+        (n, num_kept) int64) of ``image_indices`` (indices of the split), in that order."""
+        image_indices = np.asarray(image_indices, dtype=np.int64).reshape(-1)
+        first = self.stores[0]
+        features = torch.empty(len(image_indices), first.num_kept, first.channels, dtype=torch.float16)
+        positions = torch.empty(len(image_indices), first.num_kept, dtype=torch.int64)
+        for number, store in enumerate(self.stores):
+            wanted = np.flatnonzero(self.holder[image_indices] == number)
+            if len(wanted):
+                part = torch.from_numpy(wanted)
+                features[part], positions[part] = store.read_compact(self.rows[image_indices[wanted]])
+        return features, positions
+
+    def expand(self, features: torch.Tensor, positions: torch.Tensor, device: torch.device | str = "cpu"):
+        return self.stores[0].expand(features, positions, device)
+
+    @property
+    def bytes_per_image(self) -> int:
+        return self.stores[0].bytes_per_image
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,7 +211,13 @@ def extract_features(
 
 
 def rerank(
-    model: PRGSNetwork, store, predictions: np.ndarray, distances: np.ndarray, database_num: int, settings: EvalSettings
+    model: PRGSNetwork,
+    store,
+    predictions: np.ndarray,
+    distances: np.ndarray,
+    database_num: int,
+    settings: EvalSettings,
+    first_query: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Re-sort each query's first ``settings.rerank_top`` candidates by the reranker's probability (optionally fused
     with the global similarity).
@@ -133,7 +225,8 @@ def rerank(
     predictions / distances (Nq, K >= rerank_top) from global retrieval -> (reranked predictions (Nq, K) with the
     columns after rerank_top left in global order, final scores (Nq, rerank_top), timings). ``store`` is a
     LocalFeatureStore (or anything with its read_compact/expand): the next batch of queries is read in a background
-    thread while this one runs, and rows are expanded to the reranker's input on the device.
+    thread while this one runs, and rows are expanded to the reranker's input on the device. Row i of predictions
+    is query ``first_query + i`` (a rank's part of the queries).
     """
     top = settings.rerank_top
     num_queries = len(predictions)
@@ -147,7 +240,8 @@ def rerank(
 
     def read_batch(queries: np.ndarray):
         """Compact rows of the queries and their candidates (file reads only; runs in the background thread)."""
-        return store.read_compact(np.concatenate([database_num + queries, predictions[queries, :top].reshape(-1)]))
+        query_images = database_num + first_query + queries
+        return store.read_compact(np.concatenate([query_images, predictions[queries, :top].reshape(-1)]))
 
     forward = util.Stopwatch(settings.device)
     start = time.perf_counter()
@@ -183,20 +277,31 @@ def evaluate(
     model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, work_folder: Path, with_rerank: bool = True
 ) -> Evaluation:
     """Extract, retrieve, rerank and score one split. The local-feature store lives in work_folder/local_features
-    and is deleted at the end. with_rerank=False skips the reranking (reranked = global order)."""
+    and is deleted at the end. with_rerank=False skips the reranking (reranked = global order). With several ranks
+    each reranks its whole batches of queries and every rank returns the whole Evaluation."""
     store_folder = work_folder / "local_features"
     descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
+    own = distributed.shard_bounds(index.queries_num, settings.rerank_batch_size)  # this rank's queries to rerank
     try:
         database, queries = descriptors[: index.database_num], descriptors[index.database_num :]
         top = clamp_top_k(settings.rerank_top, index.database_num)
         num_columns = clamp_top_k(max(top, max(settings.recall_values)), index.database_num, "recall@N")
-        start = time.perf_counter()
-        distances, predictions = exact_knn(database, queries, num_columns, settings.device)
-        timings["retrieval_ms_per_query"] = 1000 * (time.perf_counter() - start) / max(1, index.queries_num)
+        distances, predictions, exact_predictions, retrieval = global_retrieval(
+            database, queries, num_columns, settings
+        )
+        timings["retrieval_ms_per_query"] = retrieval["ms_per_query"]
         if with_rerank:
-            reranked, scores, rerank_timings = rerank(
-                model, store, predictions, distances, index.database_num, _with(settings, rerank_top=top)
-            )
+            with distributed.stop_together("reranking"):
+                reranked, scores, rerank_timings = rerank(
+                    model,
+                    store,
+                    predictions[own],
+                    distances[own],
+                    index.database_num,
+                    _with(settings, rerank_top=top),
+                    own.start,
+                )
+            reranked, scores = distributed.gather_rows(reranked), distributed.gather_rows(scores)
             timings.update(rerank_timings)
         else:
             reranked, scores = predictions, np.full((len(predictions), top), np.nan, dtype=np.float32)
@@ -209,6 +314,8 @@ def evaluate(
     if positives is not None:
         global_recalls = recall_at_n(predictions, positives, settings.recall_values)
         reranked_recalls = recall_at_n(reranked, positives, settings.recall_values)
+        if exact_predictions is not None:
+            retrieval["exact_recalls"] = recall_at_n(exact_predictions, positives, settings.recall_values)
     return Evaluation(
         predictions,
         distances,
@@ -219,7 +326,52 @@ def evaluate(
         reranked_recalls,
         timings,
         store.bytes_per_image if store is not None else 0,
+        retrieval,
+        rank_counts(index, settings, with_rerank),
     )
+
+
+def global_retrieval(
+    database: np.ndarray, queries: np.ndarray, k: int, settings: EvalSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """The k nearest database descriptors of each query: (squared distances, predictions) (Nq, k), exact faiss
+    search or the settings.faiss_index index; with the latter also exact search's predictions (to report its recalls
+    beside the index's), else None; and a report of the index and its timings. Rank 0 searches, every rank receives
+    the result."""
+    result = None
+    with distributed.stop_together("searching the database"):
+        if distributed.is_main():
+            start = time.perf_counter()
+            distances, predictions = exact_knn(database, queries, k, settings.device)
+            exact_ms = 1000 * (time.perf_counter() - start) / max(1, len(queries))
+            report = {"index": "Flat", "faiss_gpu": faiss_uses_gpu(settings.device), "ms_per_query": exact_ms}
+            result = (distances, predictions, None, report)
+            if settings.faiss_index is not None:
+                approximate = approximate_knn(
+                    database,
+                    queries,
+                    k,
+                    settings.faiss_index,
+                    settings.faiss_nprobe,
+                    settings.faiss_train_size,
+                    settings.device,
+                )
+                report.update(index=settings.faiss_index, nprobe=settings.faiss_nprobe, exact_ms_per_query=exact_ms)
+                report.update(train_size=min(settings.faiss_train_size, len(database)), **approximate[2])
+                result = (approximate[0], approximate[1], predictions, report)
+    return distributed.broadcast_object(result)
+
+
+def rank_counts(index: PlaceIndex, settings: EvalSettings, with_rerank: bool) -> dict:
+    """How the ranks shared an evaluation: world_size, images each extracted, queries each reranked."""
+    database = distributed.shard_sizes(index.database_num, settings.infer_batch_size)
+    queries = distributed.shard_sizes(index.queries_num, settings.infer_batch_size)
+    reranked = distributed.shard_sizes(index.queries_num, settings.rerank_batch_size)
+    return {
+        "world_size": distributed.world_size(),
+        "images_per_rank": [d + q for d, q in zip(database, queries)],
+        "queries_per_rank": reranked if with_rerank else [0] * len(reranked),
+    }
 
 
 def _with(settings: EvalSettings, **changes) -> EvalSettings:
@@ -236,7 +388,10 @@ def recalls_table(evaluation: Evaluation) -> str:
         return "no ground truth for this split: no recalls"
     values = list(evaluation.global_recalls)
     lines = ["".join([f"{'':10}"] + [f"{'R@' + str(n):>8}" for n in values])]
-    for label, recalls in (("global", evaluation.global_recalls), ("reranked", evaluation.reranked_recalls)):
+    rows = [("global", evaluation.global_recalls), ("reranked", evaluation.reranked_recalls)]
+    if "exact_recalls" in evaluation.retrieval:  # --faiss_index: exact search's recalls beside the index's
+        rows.insert(0, ("exact", evaluation.retrieval["exact_recalls"]))
+    for label, recalls in rows:
         lines.append("".join([f"{label:10}"] + [f"{recalls[n]:8.2f}" for n in values]))
     return "\n".join(lines)
 
@@ -309,6 +464,9 @@ def eval_settings(args, device: torch.device) -> EvalSettings:
         rerank_batch_size=args.rerank_batch_size,
         rerank_fusion=args.rerank_fusion,
         recall_values=args.recall_values,
+        faiss_index=args.faiss_index,
+        faiss_nprobe=args.faiss_nprobe,
+        faiss_train_size=args.faiss_train_size,
     )
 
 
@@ -350,6 +508,8 @@ def build_results(
             "reference_bytes_per_image": REFERENCE_BYTES_PER_IMAGE,
             "fraction_of_reference": round(evaluation.store_bytes_per_image / REFERENCE_BYTES_PER_IMAGE, 4),
         },
+        "retrieval": retrieval_summary(evaluation.retrieval),
+        "distributed": evaluation.ranks,
         "model": model.config.to_dict(),
         "checkpoint": None if checkpoint is None else {"path": str(checkpoint.path), "layout": checkpoint.layout},
         "environment": {
@@ -374,6 +534,14 @@ def build_results(
             )
         }
     return results
+
+
+def retrieval_summary(retrieval: dict) -> dict:
+    """The retrieval report as results.json holds it: times rounded, exact recalls keyed R@N."""
+    summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in retrieval.items() if k != "exact_recalls"}
+    if "exact_recalls" in retrieval:
+        summary["exact_recalls"] = {f"R@{n}": round(v, 4) for n, v in retrieval["exact_recalls"].items()}
+    return summary
 
 
 def write_outputs(args, output_folder: Path, index: PlaceIndex, evaluation: Evaluation, results: dict) -> None:

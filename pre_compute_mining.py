@@ -4,7 +4,8 @@
 
 Computes global descriptors of the training split with the given model (this project's checkpoint, or the
 reference's global-only DeiT checkpoint), then writes result/<dataset_name>_hard_negatives.npz (docs/hard_negatives.md)
-for train_reranking.py --mining global.
+for train_reranking.py --mining global. Under torchrun the ranks share the descriptor extraction and rank 0 mines
+and writes the file (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 
 import numpy as np
 
-import util
+import distributed
 from datasets_ws import load_split
 from extraction import global_descriptors
 from mining import dataset_fingerprints, file_sha1, hard_negatives_from_descriptors, save_hard_negatives
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_mining_args(argv)
-    run = util.start_run(args)
+    run = distributed.start_run(args)
     index = load_split(args.datasets_folder, args.dataset_name, "train", **split_options(args))
     model, checkpoint = build_model(args.model_config, **model_options(args))
     if checkpoint is None:
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> str:
         args.num_workers,
         args.precision,
     )
+    if not distributed.is_main():
+        return args.output
     hard_negatives = hard_negatives_from_descriptors(
         descriptors[: index.database_num],
         descriptors[index.database_num :],
@@ -74,4 +77,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    util.run_entry_point(main)
+    distributed.run_entry_point(main)

@@ -4,13 +4,15 @@
     python3 test.py --dataset_name msls --split val --datasets_folder /data --resume resume/msls_train_prgs.pt
 
 Outputs go to logs/<save_dir>/<timestamp>/ (docs/outputs.md): info.log, debug.log, results.json, predictions.csv,
-and with --num_preds_to_save pictures of the predictions.
+and with --num_preds_to_save pictures of the predictions. `torchrun --nproc_per_node N test.py ...` shares the work
+among N processes (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import logging
 
+import distributed
 import util
 from datasets_ws import load_split
 from evaluation import build_results, eval_settings, evaluate, recalls_table, write_outputs
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_test_args(argv)
-    run = util.start_run(args)
+    run = distributed.start_run(args)
     index = load_split(args.datasets_folder, args.dataset_name, args.split, **split_options(args))
     if index.queries_num == 0:
         raise util.PRGSError(f"{index.summary()} has no queries to evaluate")
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     evaluation = evaluate(model, index, eval_settings(args, run.device), run.folder)
     results = build_results(args, args.split, index, model, checkpoint, evaluation, run.device, run.seconds())
+    if not distributed.is_main():
+        return results
     write_outputs(args, run.folder, index, evaluation, results)
     logger.info("%s\n%s", index.summary(), recalls_table(evaluation))
     logger.info("results: %s", run.folder / "results.json")
@@ -51,4 +55,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    util.run_entry_point(main)
+    distributed.run_entry_point(main)
