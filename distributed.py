@@ -76,8 +76,8 @@ def init(device_name: str, timeout_minutes: float) -> torch.device:
         device = torch.device("cuda", _local_rank())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+        backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), device_id=device_id)
     return device
 
 

@@ -8,6 +8,7 @@ searches; every rank ends with the same Evaluation, equal to a one-process run's
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -33,6 +34,7 @@ from model.network import PRGSNetwork
 from places.index import PlaceIndex
 from places.msls import msls_map_at_k, write_msls_submission
 from retrieval import (
+    all_cores_for_faiss,
     approximate_knn,
     clamp_top_k,
     exact_knn,
@@ -341,25 +343,33 @@ def global_retrieval(
     result = None
     with distributed.stop_together("searching the database"):
         if distributed.is_main():
-            start = time.perf_counter()
-            distances, predictions = exact_knn(database, queries, k, settings.device)
-            exact_ms = 1000 * (time.perf_counter() - start) / max(1, len(queries))
-            report = {"index": "Flat", "faiss_gpu": faiss_uses_gpu(settings.device), "ms_per_query": exact_ms}
-            result = (distances, predictions, None, report)
-            if settings.faiss_index is not None:
-                approximate = approximate_knn(
-                    database,
-                    queries,
-                    k,
-                    settings.faiss_index,
-                    settings.faiss_nprobe,
-                    settings.faiss_train_size,
-                    settings.device,
-                )
-                report.update(index=settings.faiss_index, nprobe=settings.faiss_nprobe, exact_ms_per_query=exact_ms)
-                report.update(train_size=min(settings.faiss_train_size, len(database)), **approximate[2])
-                result = (approximate[0], approximate[1], predictions, report)
+            result = _search(database, queries, k, settings)
     return distributed.broadcast_object(result)
+
+
+def _search(
+    database: np.ndarray, queries: np.ndarray, k: int, settings: EvalSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """global_retrieval's search, in the process that runs it (with every core when the other ranks wait)."""
+    with all_cores_for_faiss() if distributed.world_size() > 1 else contextlib.nullcontext():
+        start = time.perf_counter()
+        distances, predictions = exact_knn(database, queries, k, settings.device)
+        exact_ms = 1000 * (time.perf_counter() - start) / max(1, len(queries))
+        report = {"index": "Flat", "faiss_gpu": faiss_uses_gpu(settings.device), "ms_per_query": exact_ms}
+        if settings.faiss_index is None:
+            return distances, predictions, None, report
+        approximate = approximate_knn(
+            database,
+            queries,
+            k,
+            settings.faiss_index,
+            settings.faiss_nprobe,
+            settings.faiss_train_size,
+            settings.device,
+        )
+    report.update(index=settings.faiss_index, nprobe=settings.faiss_nprobe, exact_ms_per_query=exact_ms)
+    report.update(train_size=min(settings.faiss_train_size, len(database)), **approximate[2])
+    return approximate[0], approximate[1], predictions, report
 
 
 def rank_counts(index: PlaceIndex, settings: EvalSettings, with_rerank: bool) -> dict:

@@ -4,8 +4,10 @@ with faiss-gpu, recall@N, and the optional fusion of reranker and global scores.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
@@ -150,6 +152,18 @@ def _last_line(error: Exception) -> str:
     if "Error: " in message:
         return message.split("Error: ", 1)[1].split("failed: ", 1)[-1]
     return message.split(": ", 1)[-1]
+
+
+@contextmanager
+def all_cores_for_faiss() -> Iterator[None]:
+    """faiss on every core this process may use, for a search that one process runs while the others wait (torchrun
+    gives each process OMP_NUM_THREADS=1); the previous thread count afterwards."""
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def clamp_top_k(requested: int, database_num: int, what: str = "--rerank_top") -> int:

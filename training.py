@@ -128,14 +128,8 @@ class TupleObjective(torch.nn.Module):
         device: torch.device,
     ):
         super().__init__()
-        self.model, self.stage, self.margin, self.grid, self.cache, self.device = (
-            model,
-            stage,
-            margin,
-            grid,
-            cache,
-            device,
-        )
+        self.model, self.stage, self.margin, self.grid = model, stage, margin, grid
+        self.cache, self.device = cache, device
 
     def forward(self, images: torch.Tensor | None, image_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         if self.cache is None:
@@ -314,7 +308,7 @@ class Trainer:
             model.config.backbone,
             *args.resize,
         )
-        self.per_rank_batch = global_batch(args.train_batch_size)
+        self.per_rank_batch = per_process_batch(args.train_batch_size)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=args.lr, weight_decay=args.weight_decay)
         self.miner = TupleMiner(
             splits.train,
@@ -686,7 +680,7 @@ class Trainer:
         return self.results
 
 
-def global_batch(train_batch_size: int) -> int:
+def per_process_batch(train_batch_size: int) -> int:
     """The tuples each rank takes of every global batch of ``train_batch_size`` (checked to divide evenly), logged
     with the global batch."""
     world = distributed.world_size()

@@ -154,23 +154,32 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--noise", type=float, default=0.5, help="query noise norm relative to the unit row")
     parser.add_argument("--factories", nargs="+", default=["IVF4096,PQ32"])
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--train_size", type=int, default=100_000)
     parser.add_argument("--num_workers", type=int, default=8)
     args = parser.parse_args()
+    started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {"environment": environment(device), "arguments": {k: str(v) for k, v in vars(args).items()}}
     toy_world.make_toy_world(args.data, progress=False)
     if "gpu" in args.parts:
         results["gpu"] = gpu_part(args.data, args.out, args.num_workers)
+        save(results, args.out)
     if "faiss" in args.parts:
         toy = toy_descriptors(args.data, device)
         results["faiss"] = compare("toy train", *toy, ["IVF16,PQ32x4"], [1, 4], 100_000, device)
+        save(results, args.out)
         big = synthetic(args.database_size, args.queries, args.noise)
         results["faiss"] += compare("synthetic", *big, args.factories, args.nprobe, args.train_size, device)
-    (args.out / "bench_scale.json").write_text(json.dumps(results, indent=2))
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    save(results, args.out)
     print(table(results))
+
+
+def save(results: dict, out: Path) -> None:
+    """bench_scale.json, rewritten after each part (a run cut short keeps what it measured)."""
+    (out / "bench_scale.json").write_text(json.dumps(results, indent=2))
 
 
 def environment(device: torch.device) -> dict:

@@ -17,6 +17,7 @@ import torch
 
 import distributed
 import evaluation
+import retrieval
 import test as test_script
 import train_reranking
 import training
@@ -67,7 +68,7 @@ def test_each_rank_takes_its_contiguous_share_of_every_global_batch(monkeypatch)
     assert training.rank_share(10, 4, 0).tolist() == list(range(8))
     _with_ranks(monkeypatch, 0, 3)
     with pytest.raises(distributed.DistributedError, match="must be a multiple of the 3 processes"):
-        training.global_batch(4)
+        training.per_process_batch(4)
 
 
 def _nodes(count: int, grid=(6, 8), local_dim=5, num_kept=40) -> torch.Tensor:
@@ -151,6 +152,33 @@ def test_ivf_pq_finds_noisy_copies_and_explains_what_it_cannot_do(one_faiss_thre
         approximate_knn(database, queries, 10, "IVF4,PQ8", 2, 100)
     with pytest.raises(RetrievalError, match="raise --faiss_nprobe"):
         approximate_knn(database[:400], queries, 300, "IVF16,Flat", 1, 400)
+
+
+def test_faiss_gpu_splits_the_database_over_the_visible_gpus(monkeypatch, caplog):
+    """With faiss-gpu (faked here: this machine has faiss-cpu), indexes go to every visible GPU with the rows split
+    among them; an index faiss-gpu cannot hold stays on the CPU with a warning."""
+    cloned = []
+
+    class Options:
+        shard = False
+
+    def to_all_gpus(index, co):
+        cloned.append(co.shard)
+        return index
+
+    monkeypatch.setattr(retrieval, "faiss_uses_gpu", lambda device: True)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", Options, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all_gpus, raising=False)
+    database = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    _, found = exact_knn(database, database[:3], 1, torch.device("cuda"))
+    assert cloned == [True] and found[:, 0].tolist() == [0, 1, 2]
+
+    def refuse(index, co):
+        raise RuntimeError("not supported on the GPU")
+
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", refuse, raising=False)
+    _, found = exact_knn(database, database[:3], 1, torch.device("cuda"))
+    assert found[:, 0].tolist() == [0, 1, 2] and "searching on the CPU" in caplog.text
 
 
 def test_test_py_reports_the_faiss_index_beside_exact_search(small_toy_world, tmp_path, monkeypatch, one_faiss_thread):
