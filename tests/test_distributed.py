@@ -223,15 +223,16 @@ def _train_flags(datasets, output, *extra):
         "20",
         "--lr",
         "1e-3",
+        "--cache_frozen_backbone",
         *FAST,
         *extra,
     ]
 
 
 def test_two_ranks_continue_a_run_as_one_process_does(small_toy_world, tmp_path):
-    """One process stops after step 1 of 4; two ranks resume it (global batch 4 = 2 x 2, sharded mining
-    descriptors, validation and test) and end with one process's weights, within 1e-4 (lr 1e-3: a weight moves up
-    to 1e-3 per Adam step, sign-like, so float rounding in the gradient's sum shows most in near-zero gradients)."""
+    """One process stops after step 1 of 4; two ranks resume it (global batch 4 = 2 x 2; the frozen-backbone cache,
+    validation and the final test shared) and end with one process's weights, within 1e-4 (lr 1e-3: a weight moves
+    up to 1e-3 per Adam step, sign-like, so float rounding in the gradient's sum shows most in near-zero gradients)."""
     train_reranking.main(_train_flags(small_toy_world, tmp_path / "straight"))
     train_reranking.main(_train_flags(small_toy_world, tmp_path / "stopped", "--max_steps", "1"))
     resumed = tmp_path / "resumed"
