@@ -1,11 +1,14 @@
 """Evaluation of one split: extract -> local-feature store -> global retrieval -> rerank -> recall@N -> outputs.
 
 ``evaluate`` is what test.py runs and what training validates with. The outputs (results.json, predictions.csv)
-are described in docs/outputs.md.
+are described in docs/outputs.md. Under torchrun the ranks share the extraction (each its whole batches of the
+database and of the queries, into a store of its own) and the reranking (each its whole batches of queries); rank 0
+searches; every rank ends with the same Evaluation, equal to a one-process run's (docs/distributed.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -24,12 +27,14 @@ import torch.utils.data
 from PIL import Image
 from tqdm import tqdm
 
+import distributed
 import util
 from extraction import image_batches
 from feature_store import (
     REFERENCE_BYTES_PER_IMAGE,
     LocalFeatureStore,
     MemoryFeatureStore,
+    ShardedStore,
     StoreLayout,
     choose_tier,
     create_store,
@@ -41,7 +46,16 @@ from model.reranker import RerankKernel, match_probability, rerank_kernel, stage
 from places.images import image_tensor, open_rgb_image
 from places.index import DatasetError, PlaceIndex
 from places.msls import msls_map_at_k, write_msls_submission, zip_msls_submission
-from retrieval import clamp_top_k, exact_knn, faiss_uses_gpu, first_correct_rank, fused_scores, recall_at_n
+from retrieval import (
+    all_cores_for_faiss,
+    approximate_knn,
+    clamp_top_k,
+    exact_knn,
+    faiss_uses_gpu,
+    first_correct_rank,
+    fused_scores,
+    recall_at_n,
+)
 from visualize import RerankedCandidate, save_prediction_picture, save_rerank_picture
 
 logger = logging.getLogger(__name__)
@@ -68,6 +82,9 @@ class EvalSettings:
     store_tier: str = "auto"  # feature_store.TIERS or "auto"
     store_dtype: str = "float16"
     image_decoder: str = "pil"  # places.images.IMAGE_DECODERS
+    faiss_index: str | None = None  # index-factory string for approximate search; None: exact
+    faiss_nprobe: int = 32
+    faiss_train_size: int = 100_000
 
 
 @dataclass
@@ -84,6 +101,8 @@ class Evaluation:
     timings: dict[str, float]
     store_bytes_per_image: int
     store_tier: str | None = None  # where the local features were held: device, host or disk
+    retrieval: dict = field(default_factory=dict)  # the index searched; with --faiss_index, exact search beside it
+    ranks: dict = field(default_factory=dict)  # world_size, images_per_rank (extracted), queries_per_rank (reranked)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,52 +111,77 @@ class Evaluation:
 
 def extract_features(
     model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, store_folder: Path | None
-) -> tuple[np.ndarray, LocalFeatureStore | MemoryFeatureStore | None, dict[str, float]]:
+) -> tuple[np.ndarray, LocalFeatureStore | MemoryFeatureStore | ShardedStore | None, dict[str, float]]:
     """Global descriptors (N, D) in RAM and local features in a store (feature_store.py), database first, then
     queries.
 
     Returns (descriptors, the store ready for reading, timings): per database / queries, extraction_ms_per_image
     (everything), load_ms_per_image (waiting for decoded images on the device), forward_ms_per_image (network
-    only) and store_write_ms_per_image (the stage-0 self graph when the kernel precomputes it, and the write). With
-    store_folder None only global descriptors are computed (global-only forward) and no store is returned.
+    only) and store_write_ms_per_image (the stage-0 self graph when the kernel precomputes it, and the write), of
+    this rank's images. With store_folder None only global descriptors are computed (global-only forward) and no
+    store is returned. With several ranks each extracts its whole batches (shard_layout) into its own disk store,
+    store_folder/rank_<r>, every rank receives all descriptors, and the store returned reads every rank's part.
     """
-    kernel = rerank_kernel(settings.rerank_kernel)
-    store = None if store_folder is None else _new_store(model, len(index), settings, kernel, store_folder)
+    kernel, world, store = rerank_kernel(settings.rerank_kernel), distributed.world_size(), None
+    holder, rows = shard_layout(index.database_num, index.queries_num, settings.infer_batch_size, world)
+    mine = holder == distributed.rank()
+    if store_folder is not None:
+        if world == 1:
+            store = _new_store(model, len(index), settings, kernel, store_folder)
+        else:  # every rank reads every rank's rows: files on the run folder's filesystem
+            own_folder = store_folder / f"rank_{distributed.rank()}"
+            store = _new_store(model, int(mine.sum()), _with(settings, store_tier="disk"), kernel, own_folder)
     descriptors = np.empty((len(index), model.config.fc_output_dim), dtype=np.float32)
     grid = patch_grid(settings.image_size)
     timings = {}
     for part, image_ids in (
-        ("database", range(index.database_num)),
-        ("queries", range(index.database_num, len(index))),
+        ("database", np.arange(index.database_num)),
+        ("queries", np.arange(index.database_num, len(index))),
     ):
+        own = image_ids[mine[image_ids]]
         forward, load, write = (util.Stopwatch(settings.device) for _ in range(3))
         start = time.perf_counter()
-        for ids, output in image_batches(
-            model,
-            lambda images: model(images, global_only=store is None),
-            index,
-            image_ids,
-            settings.image_size,
-            settings.device,
-            settings.infer_batch_size,
-            settings.num_workers,
-            settings.precision,
-            f"extracting {part}",
-            forward,
-            load,
-            settings.image_decoder,
-            settings.preprocessing,
-        ):
-            descriptors[ids] = (output if store is None else output[0]).float().cpu().numpy()
-            if store is not None:
-                with write, torch.inference_mode():
-                    stage0 = model.stage0_nodes(output[1], grid, kernel) if kernel.precomputed_stage0 else None
-                    _write_to_store(store, ids, output[1], stage0)
-        count = max(1, len(image_ids))
+        with distributed.stop_together(f"extracting {part}"):
+            for ids, output in image_batches(
+                model,
+                lambda images: model(images, global_only=store is None),
+                index,
+                own,
+                settings.image_size,
+                settings.device,
+                settings.infer_batch_size,
+                settings.num_workers,
+                settings.precision,
+                f"extracting {part}",
+                forward,
+                load,
+                settings.image_decoder,
+                settings.preprocessing,
+            ):
+                descriptors[ids] = (output if store is None else output[0]).float().cpu().numpy()
+                if store is not None:
+                    with write, torch.inference_mode():
+                        stage0 = model.stage0_nodes(output[1], grid, kernel) if kernel.precomputed_stage0 else None
+                        _write_to_store(store, rows[ids], output[1], stage0)
+        count = max(1, len(own))
         for name, seconds in (("extraction", time.perf_counter() - start), ("load", load.seconds),
                               ("forward", forward.seconds), ("store_write", write.seconds)):  # fmt: skip
             timings[f"{name}_ms_per_image_{part}"] = 1000 * seconds / count
-    return descriptors, None if store is None else store.finish(), timings
+        if world > 1:
+            descriptors[image_ids] = distributed.gather_rows(descriptors[own])
+    return descriptors, _finished_store(store, store_folder, holder, rows), timings
+
+
+def _finished_store(store, store_folder: Path | None, holder: np.ndarray, rows: np.ndarray):
+    """The store ready for reading: this process's own, or, with several ranks, every rank's part read as one."""
+    if store is None:
+        return None
+    with distributed.stop_together("writing the local-feature store"):
+        store = store.finish()
+    if distributed.world_size() == 1:
+        return store
+    store.close()
+    return ShardedStore.open(store_folder, holder, rows)
 
 
 def _new_store(
@@ -177,12 +221,34 @@ def _write_to_store(
         ) from error
 
 
+def shard_layout(database_num: int, queries_num: int, batch_size: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """Who extracts and stores each image of a split when ``world`` ranks share it: (the rank (N,), the row in that
+    rank's store (N,)). Rank r takes its whole batches of the database, then of the queries
+    (distributed.shard_bounds), and stores them in that order. One rank: rank 0 and row = image index."""
+    holder = np.empty(database_num + queries_num, dtype=np.int64)
+    rows = np.empty(database_num + queries_num, dtype=np.int64)
+    for number in range(world):
+        database = np.arange(database_num)[distributed.shard_bounds(database_num, batch_size, number, world)]
+        queries = (
+            database_num + np.arange(queries_num)[distributed.shard_bounds(queries_num, batch_size, number, world)]
+        )
+        holder[database], rows[database] = number, np.arange(len(database))
+        holder[queries], rows[queries] = number, len(database) + np.arange(len(queries))
+    return holder, rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reranking
 
 
 def rerank(
-    model: PRGSNetwork, store, predictions: np.ndarray, distances: np.ndarray, database_num: int, settings: EvalSettings
+    model: PRGSNetwork,
+    store,
+    predictions: np.ndarray,
+    distances: np.ndarray,
+    database_num: int,
+    settings: EvalSettings,
+    first_query: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Re-sort each query's first ``settings.rerank_top`` candidates by the reranker's probability (optionally fused
     with the global similarity).
@@ -191,6 +257,7 @@ def rerank(
     columns after rerank_top left in global order, final scores (Nq, rerank_top), timings). ``store`` is a store of
     feature_store.py (or anything with its ``content``, read_compact and expand): the next batch of queries is
     read in a background thread while this one runs, and rows are expanded to the reranker's input on the device.
+    Row i of predictions is query ``first_query + i`` (a rank's part of the queries).
     """
     top, num_queries = settings.rerank_top, len(predictions)
     kernel = rerank_kernel(settings.rerank_kernel)
@@ -206,7 +273,8 @@ def rerank(
 
     def read_batch(queries: np.ndarray):
         """Compact rows of each query followed by its candidates (file reads only for the disk tier)."""
-        group = np.concatenate([database_num + queries[:, None], predictions[queries, :top]], axis=1)  # (b, 1+K)
+        query_images = database_num + first_query + queries
+        group = np.concatenate([query_images[:, None], predictions[queries, :top]], axis=1)  # (b, 1+K)
         return store.read_compact(group.reshape(-1))
 
     forward, read_wait, expand = (util.Stopwatch(settings.device) for _ in range(3))
@@ -263,11 +331,13 @@ def evaluate(
 ) -> Evaluation:
     """Extract, retrieve, rerank and score one split. The local-feature store (in work_folder/local_features for
     the disk tier) is dropped at the end, however the evaluation ends (an error, Ctrl-C, a full disk).
-    with_rerank=False skips the reranking (reranked = global order)."""
+    with_rerank=False skips the reranking (reranked = global order). With several ranks each reranks its whole
+    batches of queries and every rank returns the whole Evaluation."""
     if index.queries_num == 0 or index.database_num == 0:
         raise DatasetError(f"{index.summary()} has no queries or no database images: there is nothing to evaluate")
     store_folder = work_folder / "local_features"
     store = None
+    own = distributed.shard_bounds(index.queries_num, settings.rerank_batch_size)  # this rank's queries to rerank
     try:
         start = time.perf_counter()
         descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
@@ -276,14 +346,24 @@ def evaluate(
         top = clamp_top_k(settings.rerank_top, index.database_num)
         num_columns = clamp_top_k(max(top, max(settings.recall_values)), index.database_num, "recall@N")
         start = time.perf_counter()
-        distances, predictions = exact_knn(database, queries, num_columns, settings.device)
+        distances, predictions, exact_predictions, retrieval = global_retrieval(
+            database, queries, num_columns, settings
+        )
         timings["retrieval_seconds"] = time.perf_counter() - start
-        timings["retrieval_ms_per_query"] = 1000 * timings["retrieval_seconds"] / max(1, index.queries_num)
+        timings["retrieval_ms_per_query"] = retrieval["ms_per_query"]
         if with_rerank:
             start = time.perf_counter()
-            reranked, scores, rerank_timings = rerank(
-                model, store, predictions, distances, index.database_num, _with(settings, rerank_top=top)
-            )
+            with distributed.stop_together("reranking"):
+                reranked, scores, rerank_timings = rerank(
+                    model,
+                    store,
+                    predictions[own],
+                    distances[own],
+                    index.database_num,
+                    _with(settings, rerank_top=top),
+                    own.start,
+                )
+            reranked, scores = distributed.gather_rows(reranked), distributed.gather_rows(scores)
             timings.update(rerank_timings, rerank_seconds=time.perf_counter() - start)
         else:
             reranked, scores = predictions, np.full((len(predictions), top), np.nan, dtype=np.float32)
@@ -296,6 +376,8 @@ def evaluate(
     if positives is not None:
         global_recalls = recall_at_n(predictions, positives, settings.recall_values)
         reranked_recalls = recall_at_n(reranked, positives, settings.recall_values)
+        if exact_predictions is not None:
+            retrieval["exact_recalls"] = recall_at_n(exact_predictions, positives, settings.recall_values)
     return Evaluation(
         predictions,
         distances,
@@ -307,7 +389,60 @@ def evaluate(
         timings,
         store.bytes_per_image if store is not None else 0,
         store.tier if store is not None else None,
+        retrieval,
+        rank_counts(index, settings, with_rerank),
     )
+
+
+def global_retrieval(
+    database: np.ndarray, queries: np.ndarray, k: int, settings: EvalSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """The k nearest database descriptors of each query: (squared distances, predictions) (Nq, k), exact faiss
+    search or the settings.faiss_index index; with the latter also exact search's predictions (to report its recalls
+    beside the index's), else None; and a report of the index and its timings. Rank 0 searches, every rank receives
+    the result."""
+    result = None
+    with distributed.stop_together("searching the database"):
+        if distributed.is_main():
+            result = _search(database, queries, k, settings)
+    return distributed.broadcast_object(result)
+
+
+def _search(
+    database: np.ndarray, queries: np.ndarray, k: int, settings: EvalSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """global_retrieval's search, in the process that runs it (with every core when the other ranks wait)."""
+    with all_cores_for_faiss() if distributed.world_size() > 1 else contextlib.nullcontext():
+        start = time.perf_counter()
+        distances, predictions = exact_knn(database, queries, k, settings.device)
+        exact_ms = 1000 * (time.perf_counter() - start) / max(1, len(queries))
+        report = {"index": "Flat", "faiss_gpu": faiss_uses_gpu(settings.device), "ms_per_query": exact_ms}
+        if settings.faiss_index is None:
+            return distances, predictions, None, report
+        approximate = approximate_knn(
+            database,
+            queries,
+            k,
+            settings.faiss_index,
+            settings.faiss_nprobe,
+            settings.faiss_train_size,
+            settings.device,
+        )
+    report.update(index=settings.faiss_index, nprobe=settings.faiss_nprobe, exact_ms_per_query=exact_ms)
+    report.update(train_size=min(settings.faiss_train_size, len(database)), **approximate[2])
+    return approximate[0], approximate[1], predictions, report
+
+
+def rank_counts(index: PlaceIndex, settings: EvalSettings, with_rerank: bool) -> dict:
+    """How the ranks shared an evaluation: world_size, images each extracted, queries each reranked."""
+    database = distributed.shard_sizes(index.database_num, settings.infer_batch_size)
+    queries = distributed.shard_sizes(index.queries_num, settings.infer_batch_size)
+    reranked = distributed.shard_sizes(index.queries_num, settings.rerank_batch_size)
+    return {
+        "world_size": distributed.world_size(),
+        "images_per_rank": [d + q for d, q in zip(database, queries)],
+        "queries_per_rank": reranked if with_rerank else [0] * len(reranked),
+    }
 
 
 def _with(settings: EvalSettings, **changes) -> EvalSettings:
@@ -324,7 +459,10 @@ def recalls_table(evaluation: Evaluation) -> str:
         return "no ground truth for this split: no recalls"
     values = list(evaluation.global_recalls)
     lines = ["".join([f"{'':10}"] + [f"{'R@' + str(n):>8}" for n in values])]
-    for label, recalls in (("global", evaluation.global_recalls), ("reranked", evaluation.reranked_recalls)):
+    rows = [("global", evaluation.global_recalls), ("reranked", evaluation.reranked_recalls)]
+    if "exact_recalls" in evaluation.retrieval:  # --faiss_index: exact search's recalls beside the index's
+        rows.insert(0, ("exact", evaluation.retrieval["exact_recalls"]))
+    for label, recalls in rows:
         lines.append("".join([f"{label:10}"] + [f"{recalls[n]:8.2f}" for n in values]))
     return "\n".join(lines)
 
@@ -490,6 +628,9 @@ def eval_settings(args, device: torch.device) -> EvalSettings:
         store_tier=args.store_tier,
         store_dtype=args.store_dtype,
         image_decoder=image_decoder,
+        faiss_index=args.faiss_index,
+        faiss_nprobe=args.faiss_nprobe,
+        faiss_train_size=args.faiss_train_size,
     )
 
 
@@ -537,6 +678,8 @@ def build_results(
             "reference_bytes_per_image": REFERENCE_BYTES_PER_IMAGE,
             "fraction_of_reference": round(evaluation.store_bytes_per_image / REFERENCE_BYTES_PER_IMAGE, 4),
         },
+        "retrieval": retrieval_summary(evaluation.retrieval),
+        "distributed": evaluation.ranks,
         "model": model.config.to_dict(),
         "checkpoint": None if checkpoint is None else {"path": str(checkpoint.path), "layout": checkpoint.layout},
         "environment": {
@@ -561,6 +704,14 @@ def build_results(
             )
         }
     return results
+
+
+def retrieval_summary(retrieval: dict) -> dict:
+    """The retrieval report as results.json holds it: times rounded, exact recalls keyed R@N."""
+    summary = {k: round(v, 4) if isinstance(v, float) else v for k, v in retrieval.items() if k != "exact_recalls"}
+    if "exact_recalls" in retrieval:
+        summary["exact_recalls"] = {f"R@{n}": round(v, 4) for n, v in retrieval["exact_recalls"].items()}
+    return summary
 
 
 def write_outputs(args, output_folder: Path, index: PlaceIndex, evaluation: Evaluation, results: dict) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.utils.data
 from tqdm import tqdm
 
+import distributed
 import util
 from datasets_ws import RawImageDataset
 from places.images import decode_images, normalize_images
@@ -99,22 +100,26 @@ def global_descriptors(
     preprocessing: str = "pil",
 ) -> np.ndarray:
     """Global descriptors (n, D) float32 of the images ``image_ids`` (global indices of ``index``), in that order,
-    from the network's global-only mode."""
-    descriptors = np.empty((len(image_ids), model.config.fc_output_dim), dtype=np.float32)
+    from the network's global-only mode. With several ranks each computes its whole batches of the list
+    (distributed.shard_bounds) and every rank receives all n rows."""
+    image_ids = np.asarray(image_ids, dtype=np.int64)
+    own = image_ids[distributed.shard_bounds(len(image_ids), batch_size)]
+    descriptors = np.empty((len(own), model.config.fc_output_dim), dtype=np.float32)
     start = 0
-    for _, batch in image_batches(
-        model,
-        lambda images: model(images, global_only=True),
-        index,
-        image_ids,
-        image_size,
-        device,
-        batch_size,
-        num_workers,
-        precision,
-        description,
-        preprocessing=preprocessing,
-    ):
-        descriptors[start : start + len(batch)] = batch.float().cpu().numpy()
-        start += len(batch)
-    return descriptors
+    with distributed.stop_together(description):
+        for _, batch in image_batches(
+            model,
+            lambda images: model(images, global_only=True),
+            index,
+            own,
+            image_size,
+            device,
+            batch_size,
+            num_workers,
+            precision,
+            description,
+            preprocessing=preprocessing,
+        ):
+            descriptors[start : start + len(batch)] = batch.float().cpu().numpy()
+            start += len(batch)
+    return distributed.gather_rows(descriptors)

@@ -395,6 +395,57 @@ class LocalFeatureStore:
         return self._files[self.feature_file], self._files["local_index.u16"]
 
 
+class ShardedStore:
+    """The disk stores of several ranks (one LocalFeatureStore each, in <folder>/rank_<r>) read as one: the rows of
+    an image come from the store of the rank that extracted it. ``holder`` (N,) is that rank and ``rows`` (N,) the
+    row in its store, for every image of the split (evaluation.shard_layout). Reads like a LocalFeatureStore."""
+
+    tier = "disk"
+
+    def __init__(self, stores: list[LocalFeatureStore], holder: np.ndarray, rows: np.ndarray):
+        self.stores, self.holder, self.rows = stores, holder, rows
+        self.layout = stores[0].layout
+
+    @classmethod
+    def open(cls, folder: str | Path, holder: np.ndarray, rows: np.ndarray) -> ShardedStore:
+        folder = Path(folder)
+        return cls([LocalFeatureStore.open(folder / f"rank_{r}") for r in range(int(holder.max()) + 1)], holder, rows)
+
+    @property
+    def content(self) -> str:
+        return self.layout.content
+
+    @property
+    def bytes_per_image(self) -> int:
+        return self.layout.bytes_per_image
+
+    def read_compact(self, image_indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """As LocalFeatureStore.read_compact, for indices of the split, in that order."""
+        image_indices = np.asarray(image_indices, dtype=np.int64).reshape(-1)
+        values = positions = None
+        for number, store in enumerate(self.stores):
+            wanted = np.flatnonzero(self.holder[image_indices] == number)
+            if len(wanted) == 0:
+                continue
+            part_values, part_positions = store.read_compact(self.rows[image_indices[wanted]])
+            if values is None:  # (n, rows, channels) and (n, num_kept), as the parts
+                values = part_values.new_empty((len(image_indices), *part_values.shape[1:]))
+                positions = part_positions.new_empty((len(image_indices), *part_positions.shape[1:]))
+            values[torch.from_numpy(wanted)] = part_values
+            positions[torch.from_numpy(wanted)] = part_positions
+        return values, positions
+
+    def expand(self, values: torch.Tensor, positions: torch.Tensor, device: torch.device | str = "cpu"):
+        return self.layout.expand(values, positions, device)
+
+    def read(self, image_indices, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self.expand(*self.read_compact(image_indices), device=device)
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+
 def _checked_indices(image_indices, num_images: int) -> np.ndarray:
     indices = np.asarray(image_indices, dtype=np.int64).reshape(-1)
     outside = indices[(indices < 0) | (indices >= num_images)]

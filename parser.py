@@ -217,6 +217,13 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
         "pre_compute_mining.py); without it such a run is refused. Resuming a training run from the last.pth "
         "in its own folder needs no --overwrite",
     )
+    group.add_argument(
+        "--dist_timeout",
+        type=_positive_float,
+        default=30.0,
+        help="launched by torchrun with several processes: minutes a process waits for the others at a "
+        "synchronisation point before the run stops with an error (docs/distributed.md)",
+    )
 
 
 def _auto_text(auto: dict[str, str]) -> str:
@@ -298,6 +305,23 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[1, 5, 10, 20, 100],
         help="N of the recall@N values to report",
+    )
+    group.add_argument(
+        "--faiss_index",
+        default=None,
+        help="global retrieval with this faiss index-factory string instead of exact search, for databases of "
+        "millions of images, e.g. IVF4096,PQ32: trained on --faiss_train_size database descriptors, its "
+        "candidates are reranked, and results.json reports exact search's recall@N beside it "
+        "(default: exact search)",
+    )
+    group.add_argument(
+        "--faiss_nprobe", type=_positive_int, default=32, help="inverted lists searched per query (IVF indexes)"
+    )
+    group.add_argument(
+        "--faiss_train_size",
+        type=_positive_int,
+        default=100_000,
+        help="database descriptors, drawn at random, that train --faiss_index",
     )
     group.add_argument(
         "--num_preds_to_save",

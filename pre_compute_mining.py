@@ -4,7 +4,8 @@
 
 Computes global descriptors of the training split with the given model (this project's checkpoint, or the
 reference's global-only DeiT checkpoint), then writes result/<dataset_name>_hard_negatives.npz (docs/hard_negatives.md)
-for train_reranking.py --mining global.
+for train_reranking.py --mining global. Under torchrun the ranks share the descriptor extraction and rank 0 mines
+and writes the file (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 
 import numpy as np
 
-import util
+import distributed
 from datasets_ws import load_split
 from extraction import global_descriptors
 from mining import (
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_mining_args(argv)
-    with util.start_run(args, output_files=[args.output]) as run:
+    with distributed.start_run(args, output_files=[args.output]) as run:
         index = load_split(args.datasets_folder, args.dataset_name, "train", **split_options(args))
         model, checkpoint = build_model(args.model_config, **model_options(args))
         if checkpoint is None:
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> str:
             args.precision,
             preprocessing=args.preprocessing,
         )
+        if not distributed.is_main():  # every rank extracts its share; rank 0 mines and writes
+            return args.output
         hard_negatives = hard_negatives_from_descriptors(
             descriptors[: index.database_num],
             descriptors[index.database_num :],
@@ -86,4 +89,4 @@ def mining_metadata(args, index, model) -> dict:
 
 
 if __name__ == "__main__":
-    util.run_entry_point(main)
+    distributed.run_entry_point(main)

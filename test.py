@@ -6,12 +6,14 @@
 
 Outputs go to logs/<save_dir>/<timestamp>/ (docs/outputs.md): info.log, debug.log, results.json, predictions.csv,
 with --num_preds_to_save pictures of the predictions, and with --rerank_pictures pictures of the reranking.
+`torchrun --nproc_per_node N test.py ...` shares the work among N processes (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import logging
 
+import distributed
 import util
 from datasets_ws import load_split
 from evaluation import (
@@ -33,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_test_args(argv)
-    with util.start_run(args) as run:
+    with distributed.start_run(args) as run:
         index = load_split(args.datasets_folder, args.dataset_name, args.split, **split_options(args))
         if index.queries_num == 0:
             raise util.PRGSError(f"{index.summary()} has no queries to evaluate")
@@ -57,17 +59,23 @@ def main(argv: list[str] | None = None) -> dict:
         evaluation = evaluate(model, index, settings, run.folder)
         split = None if args.dataset_name == FOLDERS_NAME else args.split
         results = build_results(args, split, index, model, checkpoint, evaluation, run.device, run.seconds())
-        write_outputs(args, run.folder, index, evaluation, results)
-        if args.rerank_pictures > 0:
-            queries = pictured_queries(index, evaluation, args.num_queries_to_save, args.save_only_wrong_preds)
-            saved = save_rerank_pictures(
-                run.folder / "reranking", model, index, evaluation, settings, queries, args.rerank_pictures
-            )
-            logger.info("saved %d reranking pictures in %s", saved, run.folder / "reranking")
-        logger.info("%s\n%s", index.summary(), recalls_table(evaluation))
-        logger.info("results: %s", run.folder / "results.json")
+        if distributed.is_main():
+            write_outputs(args, run.folder, index, evaluation, results)
+            _save_rerank_pictures(args, run, model, index, evaluation, settings)
+            logger.info("%s\n%s", index.summary(), recalls_table(evaluation))
+            logger.info("results: %s", run.folder / "results.json")
     return results
 
 
+def _save_rerank_pictures(args, run, model, index, evaluation, settings) -> None:
+    """With --rerank_pictures K: what the cross graphs matched for the reranked top-K of the pictured queries."""
+    if args.rerank_pictures > 0:
+        queries = pictured_queries(index, evaluation, args.num_queries_to_save, args.save_only_wrong_preds)
+        saved = save_rerank_pictures(
+            run.folder / "reranking", model, index, evaluation, settings, queries, args.rerank_pictures
+        )
+        logger.info("saved %d reranking pictures in %s", saved, run.folder / "reranking")
+
+
 if __name__ == "__main__":
-    util.run_entry_point(main)
+    distributed.run_entry_point(main)

@@ -14,6 +14,11 @@ negative) triplets, as in the reference, and is simply added.
 
 Checkpoints (last.pth and best.pth, written atomically; docs/checkpoints.md) hold what --resume last.pth needs to
 continue exactly where it stopped.
+
+Several processes (torchrun, docs/distributed.md): --train_batch_size is the global batch; each rank takes its
+contiguous share of every batch and DistributedDataParallel averages the gradients, so a step equals one process's
+step on the whole batch up to float rounding. Mining descriptors, the frozen-backbone cache and validation are split
+across the ranks and gathered; every rank then holds the same state, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch.nn.functional as F
 import torch.utils.data
 from tqdm import tqdm
 
+import distributed
 import util
 from datasets_ws import TupleDataset
 from evaluation import build_results, eval_settings, evaluate, recalls_by_name, recalls_table, write_outputs
@@ -107,6 +113,32 @@ def rerank_loss(model: PRGSNetwork, local: torch.Tensor, grid: tuple[int, int]) 
     return 0.5 * positive + 0.5 * negatives
 
 
+class TupleObjective(torch.nn.Module):
+    """The loss of a batch of tuples as a module, what DistributedDataParallel wraps so that backward averages the
+    gradients across ranks. forward(images (B, T, 3, H, W), or None when ``cache`` holds the backbone outputs;
+    image ids (B, T)) -> (loss, its parts)."""
+
+    def __init__(
+        self,
+        model: PRGSNetwork,
+        stage: str,
+        margin: float,
+        grid: tuple[int, int],
+        cache: FrozenBackboneCache | None,
+        device: torch.device,
+    ):
+        super().__init__()
+        self.model, self.stage, self.margin, self.grid = model, stage, margin, grid
+        self.cache, self.device = cache, device
+
+    def forward(self, images: torch.Tensor | None, image_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.cache is None:
+            return tuple_loss(self.model, images, self.stage, self.margin, self.grid)
+        local = self.cache.local(self.model, image_ids.flatten(), self.device)  # (B*T, L, C)
+        loss = rerank_loss(self.model, local.reshape(*image_ids.shape, *local.shape[1:]), self.grid)
+        return loss, {"rerank_ce": float(loss.detach())}
+
+
 class FrozenBackboneCache:
     """Backbone outputs (tokens, attention) of every training image, computed once: with the backbone frozen
     (stage reranker) they never change, so each step only runs local_head and the reranker."""
@@ -121,25 +153,29 @@ class FrozenBackboneCache:
         num_workers: int,
         precision: str,
     ):
+        own = np.arange(len(index))[distributed.shard_bounds(len(index), batch_size)]  # this rank's whole batches
         descriptors, tokens, attention = [], [], []
-        for _, out in image_batches(
-            model,
-            lambda images: model.backbone.forward_prgs(images, with_local=True),
-            index,
-            range(len(index)),
-            image_size,
-            device,
-            batch_size,
-            num_workers,
-            precision,
-            "caching frozen backbone outputs",
-        ):
-            descriptors.append(out.global_descriptor.float().cpu())
-            tokens.append(out.tokens.float().cpu())
-            attention.append(out.attention.float().cpu())
-        self.descriptors = torch.cat(descriptors).numpy()  # (N, D), for mining
-        self.tokens = torch.cat(tokens)  # (N, L, C)
-        self.attention = torch.cat(attention)  # (N, L)
+        with distributed.stop_together("caching frozen backbone outputs"):
+            for _, out in image_batches(
+                model,
+                lambda images: model.backbone.forward_prgs(images, with_local=True),
+                index,
+                own,
+                image_size,
+                device,
+                batch_size,
+                num_workers,
+                precision,
+                "caching frozen backbone outputs",
+            ):
+                descriptors.append(out.global_descriptor.float().cpu())
+                tokens.append(out.tokens.float().cpu())
+                attention.append(out.attention.float().cpu())
+        grid = patch_grid(image_size)
+        num_nodes = grid[0] * grid[1]
+        self.descriptors = distributed.gather_rows(_cat(descriptors, model.config.fc_output_dim)).numpy()  # (N, D)
+        self.tokens = distributed.gather_rows(_cat(tokens, num_nodes, model.backbone.token_dim))  # (N, L, C)
+        self.attention = distributed.gather_rows(_cat(attention, num_nodes))  # (N, L)
         self.image_size = tuple(image_size)
         logger.info(
             "cached frozen backbone outputs of %d images (%.0f MB)",
@@ -152,6 +188,11 @@ class FrozenBackboneCache:
         return model.local_nodes(
             self.tokens[image_ids].to(device), self.attention[image_ids].to(device), self.image_size
         )
+
+
+def _cat(parts: list[torch.Tensor], *row_shape: int) -> torch.Tensor:
+    """torch.cat(parts), or an empty (0, *row_shape) tensor for a rank that had no images."""
+    return torch.cat(parts) if parts else torch.empty(0, *row_shape)
 
 
 def triplet_loss(descriptors: torch.Tensor, margin: float) -> torch.Tensor:
@@ -228,6 +269,7 @@ def save_training_checkpoint(
             "rng": util.rng_states(),
             "previous_negatives": {"queries": queries, "negatives": negatives},
             "device": str(device),
+            "world_size": distributed.world_size(),
         },
         args=util.plain_args(args),
     )
@@ -290,6 +332,13 @@ def resume_differences(checkpoint_state: dict, args, device: torch.device) -> li
     saved_device = checkpoint_state["training_state"].get("device")
     if saved_device is not None and torch.device(saved_device).type != device.type:
         differences.append(f"device {device.type} (the checkpoint's: {saved_device}; floating-point results differ)")
+    saved_world = checkpoint_state["training_state"].get("world_size", 1)
+    if saved_world != distributed.world_size():
+        differences.append(
+            f"{distributed.world_size()} process(es) (the checkpoint's: {saved_world}): the global batch, the tuples, "
+            "the optimiser and the schedule continue as saved, but each step's gradient is averaged over another "
+            "split of the batch, so the weights follow the uninterrupted run up to float rounding, not bit for bit"
+        )
     return differences
 
 
@@ -351,6 +400,7 @@ class Trainer:
             model.config.backbone,
             *args.resize,
         )
+        self.per_rank_batch = per_process_batch(args.train_batch_size)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=args.lr, weight_decay=args.weight_decay)
         self.miner = TupleMiner(
             splits.train,
@@ -361,8 +411,11 @@ class Trainer:
             self._hard_negatives(),
         )
         self.state = self._start_or_resume(checkpoint)
+        self.steps_at_start = self.state.global_step
         self.settings = eval_settings(args, self.device)
         self.cache: FrozenBackboneCache | None = None
+        self.objective: torch.nn.Module | None = None  # TupleObjective, wrapped for several ranks; made by train()
+        self.train_seconds = 0.0  # in mining rounds' steps (data loading included), for results.json's throughput
         self.results: dict = {
             "stage": args.train_stage,
             "datasets": {name: getattr(splits, name).summary() for name in ("train", "val", "test")},
@@ -445,7 +498,8 @@ class Trainer:
                 f" holds epoch {epoch}" if epoch is not None else " is missing",
             )
             return
-        util.atomic_write(self.run.folder / "best.pth", lambda file: file.write(source.read_bytes()))
+        if distributed.is_main():
+            util.atomic_write(self.run.folder / "best.pth", lambda file: file.write(source.read_bytes()))
         self.run.note("best.pth", f"epoch {epoch}, copied from {source}")
         logger.info("copied best.pth (epoch %d) from %s", epoch, source)
 
@@ -471,6 +525,8 @@ class Trainer:
                 args.num_workers,
                 args.precision,
             )
+        objective = TupleObjective(self.model, args.train_stage, args.margin, self.grid, self.cache, self.device)
+        self.objective = distributed.wrap_for_training(objective, self.device)
         if args.cache_refresh_rate > self.splits.train.queries_num:
             logger.warning(
                 "--cache_refresh_rate %d is larger than the %d training queries: each round uses all of them",
@@ -499,7 +555,10 @@ class Trainer:
                 state.tuples = self.miner.mine(
                     queries, rng, self.global_descriptors_of, global_model_frozen=args.train_stage == "reranker"
                 )
-            if not self._run_round(state.tuples):
+            started = time.perf_counter()
+            finished = self._run_round(state.tuples)
+            self.train_seconds += time.perf_counter() - started
+            if not finished:
                 return False
             state.round, state.step_in_round, state.tuples_done, state.tuples = state.round + 1, 0, 0, None
         return True
@@ -522,16 +581,17 @@ class Trainer:
         )
 
     def _batches(self, tuples: Tuples):
-        """(images (B, T, 3, H, W) or None when the cache holds the backbone outputs, image ids (B, T)) of the
-        current round from its tuple state.tuples_done on."""
-        batch_size, start = self.args.train_batch_size, self.state.tuples_done
+        """(images (b, T, 3, H, W) or None when the cache holds the backbone outputs, image ids (b, T)) of the
+        current round from its tuple state.tuples_done on: this rank's b tuples of each global batch."""
+        rows = rank_share(len(tuples.queries), self.args.train_batch_size, self.state.tuples_done)
         dataset = TupleDataset(
             self.splits.train,
-            tuples.queries[start:],
-            tuples.positives[start:],
-            tuples.negatives[start:],
+            tuples.queries[rows],
+            tuples.positives[rows],
+            tuples.negatives[rows],
             self.args.resize,
         )
+        batch_size = self.per_rank_batch
         if self.cache is not None:
             ids = torch.from_numpy(dataset.image_ids)
             return [(None, ids[i : i + batch_size]) for i in range(0, len(ids) - batch_size + 1, batch_size)]
@@ -556,7 +616,7 @@ class Trainer:
             loss, parts = self._step(images, image_ids)
             state.global_step += 1
             state.step_in_round += 1
-            state.tuples_done += len(image_ids)
+            state.tuples_done += args.train_batch_size  # the global batch, whatever this rank's share
             state.loss_sum += loss
             state.loss_count += 1
             bar.set_postfix(loss=f"{loss:.4f}", mean=f"{state.loss_sum / state.loss_count:.4f}")
@@ -570,17 +630,13 @@ class Trainer:
         return True
 
     def _step(self, images: torch.Tensor | None, image_ids: torch.Tensor) -> tuple[float, dict[str, float]]:
-        """One optimiser step on a batch of tuples; returns (loss, its parts)."""
+        """One optimiser step on a batch of tuples (this rank's share); returns (loss, its parts) of the whole global
+        batch (the mean over ranks)."""
         args = self.args
+        if images is not None:
+            images = images.to(self.device, non_blocking=True)
         with util.autocast(self.device, args.precision):
-            if self.cache is None:
-                loss, parts = tuple_loss(
-                    self.model, images.to(self.device, non_blocking=True), args.train_stage, args.margin, self.grid
-                )
-            else:
-                local = self.cache.local(self.model, image_ids.flatten(), self.device)  # (B*T, L, C)
-                loss = rerank_loss(self.model, local.reshape(*image_ids.shape, *local.shape[1:]), self.grid)
-                parts = {"rerank_ce": float(loss.detach())}
+            loss, parts = self.objective(images, image_ids)
         if not torch.isfinite(loss.detach()):
             raise self._diverged(f"the loss is {float(loss.detach())}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -588,15 +644,20 @@ class Trainer:
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, args.grad_clip)
         self.optimizer.step()
-        return float(loss.detach()), parts
+        if distributed.world_size() == 1:
+            return float(loss.detach()), parts
+        means = distributed.mean_over_ranks([float(loss.detach()), *parts.values()])
+        return means[0], dict(zip(parts, means[1:]))
 
     def save_last(self) -> None:
-        """last.pth, after checking that the weights are finite (a diverged run never overwrites a good one)."""
+        """last.pth by rank 0 (every rank holds the same state), after checking that the weights are finite (a
+        diverged run never overwrites a good one)."""
         self._check_finite_weights()
         state = self.state
-        save_training_checkpoint(
-            self.run.folder / "last.pth", self.model, self.optimizer, state, self.miner, self.args, self.device
-        )
+        if distributed.is_main():
+            save_training_checkpoint(
+                self.run.folder / "last.pth", self.model, self.optimizer, state, self.miner, self.args, self.device
+            )
         self.run.note("last.pth", f"epoch {state.epoch}, round {state.round}, step {state.global_step}")
 
     def _check_finite_weights(self) -> None:
@@ -657,10 +718,13 @@ class Trainer:
             )
         state.epoch, state.round, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0
         self.save_last()
+        if distributed.is_main():
+            if improved:
+                best = self.run.folder / "best.pth"
+                save_model(self.model, best, metrics=state.history[-1], args=util.plain_args(args))
+            self._save_curves()
         if improved:
-            save_model(self.model, self.run.folder / "best.pth", metrics=state.history[-1], args=util.plain_args(args))
             self.run.note("best.pth", f"epoch {state.best_epoch}, val R@{args.recall_values[0]} {metric:.2f}")
-        self._save_curves()
         if state.not_improved >= args.patience:
             logger.info("early stopping: %d epochs without improvement", state.not_improved)
             return True
@@ -684,6 +748,7 @@ class Trainer:
         --max_steps, nor when no epoch finished)."""
         if stopped == "max_steps" or self.state.best_epoch < 0:
             return
+        distributed.barrier()  # rank 0 has written best.pth
         if not (self.run.folder / "best.pth").is_file():
             logger.warning(
                 "no best.pth of the best epoch (%d) in %s (see the warning at the resume): no final test",
@@ -709,7 +774,8 @@ class Trainer:
             self.device,
             time.perf_counter() - test_started,
         )
-        write_outputs(self.args, self.run.folder / "test", self.splits.test, after, test_results)
+        if distributed.is_main():
+            write_outputs(self.args, self.run.folder / "test", self.splits.test, after, test_results)
         logger.info(
             "test of the best model (epoch %d) on %s:\n%s",
             self.state.best_epoch,
@@ -720,7 +786,7 @@ class Trainer:
             logger.info(before_after_table(self.results, self.args.recall_values))
 
     def write_results(self, stopped: str) -> dict:
-        """results.json (docs/outputs.md) in the run folder; returns it."""
+        """results.json (docs/outputs.md) in the run folder (written by rank 0); returns it."""
         state, args = self.state, self.args
         key = f"val_{'reranked' if self.with_rerank else 'global'}_R@{args.recall_values[0]}"
         self.results.update(
@@ -738,14 +804,51 @@ class Trainer:
         )
         self.results.update(
             {
+                "throughput": {
+                    "world_size": distributed.world_size(),
+                    "global_batch": args.train_batch_size,
+                    "per_process_batch": self.per_rank_batch,
+                    "steps_per_second": round(
+                        (state.global_step - self.steps_at_start) / max(self.train_seconds, 1e-9), 4
+                    ),
+                },
                 "seconds": round(self.run.seconds(), 1),
                 "model": self.model.config.to_dict(),
                 "configuration": util.plain_args(args),
             }
         )
-        util.atomic_write_text(self.run.folder / "results.json", json.dumps(self.results, indent=2))
-        logger.info("results: %s", self.run.folder / "results.json")
+        if distributed.is_main():
+            util.atomic_write_text(self.run.folder / "results.json", json.dumps(self.results, indent=2))
+            logger.info("results: %s", self.run.folder / "results.json")
         return self.results
+
+
+def per_process_batch(train_batch_size: int) -> int:
+    """The tuples each rank takes of every global batch of ``train_batch_size`` (checked to divide evenly), logged
+    with the global batch."""
+    world = distributed.world_size()
+    if train_batch_size % world:
+        raise distributed.DistributedError(
+            f"--train_batch_size {train_batch_size} is the global batch (tuples per optimiser step) and must be a "
+            f"multiple of the {world} processes, which share each batch evenly"
+        )
+    logger.info(
+        "batch: %d tuples per optimiser step (global) = %d process(es) x %d tuples per process",
+        train_batch_size,
+        world,
+        train_batch_size // world,
+    )
+    return train_batch_size // world
+
+
+def rank_share(num_tuples: int, batch_size: int, first_tuple: int) -> np.ndarray:
+    """Row numbers (n,) of this rank's tuples of a round of ``num_tuples``: of each whole global batch of
+    ``batch_size`` tuples from tuple ``first_tuple`` on, the rank's contiguous batch_size / world rows (one process:
+    every row of those batches; a last, partial batch is dropped)."""
+    per_rank = batch_size // distributed.world_size()
+    steps = max(0, (num_tuples - first_tuple) // batch_size)
+    starts = first_tuple + np.arange(steps) * batch_size + distributed.rank() * per_rank  # (steps,)
+    return (starts[:, None] + np.arange(per_rank)).reshape(-1)  # (steps * per_rank,)
 
 
 def before_after_table(results: dict, recall_values: list[int]) -> str:

@@ -450,6 +450,7 @@ class Run:
     created: list[Path] = field(default_factory=list)  # folders this run created, outermost first
     kept: dict[str, str] = field(default_factory=dict)  # output name -> what it holds, for the closing line
     locks: list[tuple[Path, int]] = field(default_factory=list)
+    owner: bool = True  # False on the other ranks of a torchrun launch: rank 0 owns the folder and cleans it up
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started
@@ -475,6 +476,8 @@ class Run:
                 folder.rmdir()  # only when empty
 
     def __exit__(self, kind, error, traceback) -> None:
+        if not self.owner:
+            return
         try:
             if error is not None:  # the traceback goes to debug.log, while it is still open
                 logger.debug("stopped by %s", type(error).__name__, exc_info=(kind, error, traceback))
