@@ -62,7 +62,7 @@ def test_each_rank_takes_its_contiguous_share_of_every_global_batch(monkeypatch)
     shares = []
     for rank in (0, 1):
         _with_ranks(monkeypatch, rank, 2)
-        shares.append(training.rank_share(num_tuples=10, batch_size=4, first_step=1))
+        shares.append(training.rank_share(num_tuples=10, batch_size=4, first_tuple=4))  # after step 0
     assert shares[0].tolist() == [4, 5] and shares[1].tolist() == [6, 7]  # batch 1 only (batch 2 would be partial)
     _with_ranks(monkeypatch, 0, 1)
     assert training.rank_share(10, 4, 0).tolist() == list(range(8))
@@ -248,7 +248,7 @@ def test_two_ranks_continue_a_run_as_one_process_does(small_toy_world, tmp_path)
     losses = [[h["loss"] for h in run["training_state"]["state"]["history"]] for run in (straight, two)]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     log = (resumed / "info.log").read_text()
-    assert "was written by 1 process(es), this run has 2" in log
+    assert "2 process(es) (the checkpoint's: 1)" in log
     assert "4 tuples per optimiser step (global) = 2 process(es) x 2 tuples per process" in log
     assert "[rank 1]" not in log and (resumed / "test" / "predictions.csv").is_file()
 
