@@ -126,11 +126,7 @@ def extract_features(
     holder, rows = shard_layout(index.database_num, index.queries_num, settings.infer_batch_size, world)
     mine = holder == distributed.rank()
     if store_folder is not None:
-        if world == 1:
-            store = _new_store(model, len(index), settings, kernel, store_folder)
-        else:  # every rank reads every rank's rows: files on the run folder's filesystem
-            own_folder = store_folder / f"rank_{distributed.rank()}"
-            store = _new_store(model, int(mine.sum()), _with(settings, store_tier="disk"), kernel, own_folder)
+        store = _rank_store(model, int(mine.sum()), settings, kernel, store_folder)
     descriptors = np.empty((len(index), model.config.fc_output_dim), dtype=np.float32)
     grid = patch_grid(settings.image_size)
     timings = {}
@@ -170,6 +166,17 @@ def extract_features(
         if world > 1:
             descriptors[image_ids] = distributed.gather_rows(descriptors[own])
     return descriptors, _finished_store(store, store_folder, holder, rows), timings
+
+
+def _rank_store(
+    model: PRGSNetwork, num_images: int, settings: EvalSettings, kernel: RerankKernel, store_folder: Path
+) -> LocalFeatureStore | MemoryFeatureStore:
+    """This process's empty store for its num_images: in store_folder, in any tier; with several ranks a disk store
+    in store_folder/rank_<r>, since every rank reads every rank's rows (files on the run folder's filesystem)."""
+    if distributed.world_size() == 1:
+        return _new_store(model, num_images, settings, kernel, store_folder)
+    folder = store_folder / f"rank_{distributed.rank()}"
+    return _new_store(model, num_images, _with(settings, store_tier="disk"), kernel, folder)
 
 
 def _finished_store(store, store_folder: Path | None, holder: np.ndarray, rows: np.ndarray):
@@ -293,18 +300,22 @@ def rerank(
             with forward:
                 probabilities = score(nodes).float().cpu().numpy()  # (b, K)
             batch_scores = fused_scores(probabilities, distances[queries, :top], settings.rerank_fusion)
-            order = np.argsort(-batch_scores, axis=1, kind="stable")  # (b, K)
-            reranked[queries, :top] = np.take_along_axis(predictions[queries, :top], order, axis=1)
-            scores[queries] = np.take_along_axis(batch_scores, order, axis=1)
-    elapsed = time.perf_counter() - start
+            _resort(queries, batch_scores, predictions, reranked, scores)
     per_query = 1000 / max(1, num_queries)
-    timings = {
-        "rerank_ms_per_query": elapsed * per_query,
-        "rerank_forward_ms_per_query": forward.seconds * per_query,
-        "rerank_read_wait_ms_per_query": read_wait.seconds * per_query,
-        "rerank_expand_ms_per_query": expand.seconds * per_query,
-    }
-    return reranked, scores, timings
+    seconds = {"": time.perf_counter() - start, "_forward": forward.seconds, "_read_wait": read_wait.seconds}
+    seconds["_expand"] = expand.seconds
+    return reranked, scores, {f"rerank{part}_ms_per_query": s * per_query for part, s in seconds.items()}
+
+
+def _resort(
+    queries: np.ndarray, batch_scores: np.ndarray, predictions: np.ndarray, reranked: np.ndarray, scores: np.ndarray
+) -> None:
+    """Order the first K candidates of ``queries`` by batch_scores (b, K), best first (a stable sort), writing the
+    order into reranked (Nq, >= K) and the sorted scores into scores (Nq, K)."""
+    top = batch_scores.shape[1]
+    order = np.argsort(-batch_scores, axis=1, kind="stable")  # (b, K)
+    reranked[queries, :top] = np.take_along_axis(predictions[queries, :top], order, axis=1)
+    scores[queries] = np.take_along_axis(batch_scores, order, axis=1)
 
 
 def _scorer(model: PRGSNetwork, kernel: RerankKernel, settings: EvalSettings):
@@ -337,7 +348,6 @@ def evaluate(
         raise DatasetError(f"{index.summary()} has no queries or no database images: there is nothing to evaluate")
     store_folder = work_folder / "local_features"
     store = None
-    own = distributed.shard_bounds(index.queries_num, settings.rerank_batch_size)  # this rank's queries to rerank
     try:
         start = time.perf_counter()
         descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
@@ -353,17 +363,9 @@ def evaluate(
         timings["retrieval_ms_per_query"] = retrieval["ms_per_query"]
         if with_rerank:
             start = time.perf_counter()
-            with distributed.stop_together("reranking"):
-                reranked, scores, rerank_timings = rerank(
-                    model,
-                    store,
-                    predictions[own],
-                    distances[own],
-                    index.database_num,
-                    _with(settings, rerank_top=top),
-                    own.start,
-                )
-            reranked, scores = distributed.gather_rows(reranked), distributed.gather_rows(scores)
+            reranked, scores, rerank_timings = rerank_shared(
+                model, store, predictions, distances, index.database_num, _with(settings, rerank_top=top)
+            )
             timings.update(rerank_timings, rerank_seconds=time.perf_counter() - start)
         else:
             reranked, scores = predictions, np.full((len(predictions), top), np.nan, dtype=np.float32)
@@ -378,20 +380,24 @@ def evaluate(
         reranked_recalls = recall_at_n(reranked, positives, settings.recall_values)
         if exact_predictions is not None:
             retrieval["exact_recalls"] = recall_at_n(exact_predictions, positives, settings.recall_values)
+    bytes_per_image, tier = (store.bytes_per_image, store.tier) if store is not None else (0, None)
     return Evaluation(
-        predictions,
-        distances,
-        reranked,
-        scores,
-        top,
-        global_recalls,
-        reranked_recalls,
-        timings,
-        store.bytes_per_image if store is not None else 0,
-        store.tier if store is not None else None,
-        retrieval,
-        rank_counts(index, settings, with_rerank),
-    )
+        predictions, distances, reranked, scores, top, global_recalls, reranked_recalls, timings, bytes_per_image,
+        tier, retrieval, rank_counts(index, settings, with_rerank),
+    )  # fmt: skip
+
+
+def rerank_shared(
+    model: PRGSNetwork, store, predictions: np.ndarray, distances: np.ndarray, database_num: int, settings: EvalSettings
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """rerank() of every query; with several ranks each reranks its whole batches of queries and every rank
+    receives all the rows (one process: rerank itself)."""
+    own = distributed.shard_bounds(len(predictions), settings.rerank_batch_size)  # this rank's queries
+    with distributed.stop_together("reranking"):
+        reranked, scores, timings = rerank(
+            model, store, predictions[own], distances[own], database_num, settings, own.start
+        )
+    return distributed.gather_rows(reranked), distributed.gather_rows(scores), timings
 
 
 def global_retrieval(

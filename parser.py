@@ -306,23 +306,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         default=[1, 5, 10, 20, 100],
         help="N of the recall@N values to report",
     )
-    group.add_argument(
-        "--faiss_index",
-        default=None,
-        help="global retrieval with this faiss index-factory string instead of exact search, for databases of "
-        "millions of images, e.g. IVF4096,PQ32: trained on --faiss_train_size database descriptors, its "
-        "candidates are reranked, and results.json reports exact search's recall@N beside it "
-        "(default: exact search)",
-    )
-    group.add_argument(
-        "--faiss_nprobe", type=_positive_int, default=32, help="inverted lists searched per query (IVF indexes)"
-    )
-    group.add_argument(
-        "--faiss_train_size",
-        type=_positive_int,
-        default=100_000,
-        help="database descriptors, drawn at random, that train --faiss_index",
-    )
+    add_faiss_args(group)
     group.add_argument(
         "--num_preds_to_save",
         type=_non_negative_int,
@@ -341,6 +325,27 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="pictures (--num_preds_to_save, and test.py's --rerank_pictures) for this many queries, spread "
         "evenly over the split; 0: every query",
+    )
+
+
+def add_faiss_args(group) -> None:
+    """Global retrieval beyond exact search (docs/distributed.md)."""
+    group.add_argument(
+        "--faiss_index",
+        default=None,
+        help="global retrieval with this faiss index-factory string instead of exact search, for databases of "
+        "millions of images, e.g. IVF4096,PQ32: trained on --faiss_train_size database descriptors, its "
+        "candidates are reranked, and results.json reports exact search's recall@N beside it "
+        "(default: exact search)",
+    )
+    group.add_argument(
+        "--faiss_nprobe", type=_positive_int, default=32, help="inverted lists searched per query (IVF indexes)"
+    )
+    group.add_argument(
+        "--faiss_train_size",
+        type=_positive_int,
+        default=100_000,
+        help="database descriptors, drawn at random, that train --faiss_index",
     )
 
 
