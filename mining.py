@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +40,10 @@ class MiningFileError(PRGSError, ValueError):
     """A hard-negative file that is missing, malformed or made for another dataset; the message says how to rebuild."""
 
 
+class MiningError(PRGSError, ValueError):
+    """Mining settings the training split cannot satisfy (e.g. more negatives than it has); the message says which."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The offline hard-negative file
 
@@ -51,6 +57,18 @@ def dataset_fingerprints(index: PlaceIndex) -> dict[str, str]:
     return {
         "queries_sha1": fingerprint_lines(index.queries_paths),
         "database_sha1": fingerprint_lines(index.database_paths),
+    }
+
+
+def image_file_stats(index: PlaceIndex) -> dict[str, np.ndarray]:
+    """Size (bytes) and modification time (ns) of every image of the split, in index order: an image replaced in
+    place (same path) changes them, which the path fingerprints cannot see."""
+    paths = index.absolute_paths()
+    with ThreadPoolExecutor(max_workers=16) as pool:  # stat() waits on the disk, not the CPU
+        stats = list(pool.map(os.stat, paths, chunksize=256))
+    return {
+        "image_sizes": np.array([stat.st_size for stat in stats], dtype=np.int64),
+        "image_mtimes_ns": np.array([stat.st_mtime_ns for stat in stats], dtype=np.int64),
     }
 
 
@@ -83,8 +101,11 @@ def hard_negatives_from_descriptors(
     return result
 
 
-def save_hard_negatives(path: str | Path, hard_negatives: np.ndarray, metadata: dict) -> None:
-    """Write the .npz atomically (temporary file, then rename)."""
+def save_hard_negatives(
+    path: str | Path, hard_negatives: np.ndarray, metadata: dict, image_stats: dict[str, np.ndarray] | None = None
+) -> None:
+    """Write the .npz atomically (temporary file, then rename), with the images' sizes and modification times
+    (image_file_stats) when given."""
     metadata = {
         "format": HARD_NEGATIVES_FORMAT,
         "version": HARD_NEGATIVES_VERSION,
@@ -94,7 +115,10 @@ def save_hard_negatives(path: str | Path, hard_negatives: np.ndarray, metadata: 
     atomic_write(
         path,
         lambda file: np.savez(
-            file, hard_negatives=hard_negatives.astype(np.int64), metadata=np.array(json.dumps(metadata))
+            file,
+            hard_negatives=hard_negatives.astype(np.int64),
+            metadata=np.array(json.dumps(metadata)),
+            **(image_stats or {}),
         ),
     )
 
@@ -105,11 +129,14 @@ def load_hard_negatives(
     """The hard-negative list for training split ``index``; MiningFileError (with ``rebuild_hint``) when the file
     is missing, malformed, made for other images, or has fewer than ``min_columns`` columns."""
     path = Path(path)
+    if path.is_dir():
+        raise MiningFileError(f"hard-negative file {path} is a folder; expected the .npz pre_compute_mining.py wrote")
     if not path.is_file():
         raise MiningFileError(f"hard-negative file {path} not found. Build it with: {rebuild_hint}")
     try:
         with np.load(path, allow_pickle=False) as data:
             hard_negatives, metadata = data["hard_negatives"], json.loads(str(data["metadata"]))
+            image_stats = {name: data[name] for name in ("image_sizes", "image_mtimes_ns") if name in data}
     except Exception as error:
         raise MiningFileError(
             f"cannot read hard-negative file {path} ({error}). Rebuild it with: {rebuild_hint}"
@@ -134,7 +161,38 @@ def load_hard_negatives(
         )
     if hard_negatives.min() < -1 or hard_negatives.max() >= index.database_num:
         raise MiningFileError(f"{path} holds indices outside [-1, {index.database_num}). Rebuild it: {rebuild_hint}")
+    check_images_unchanged(path, index, image_stats, rebuild_hint)
     return hard_negatives, metadata
+
+
+def check_images_unchanged(path: Path, index: PlaceIndex, mined: dict[str, np.ndarray], rebuild_hint: str) -> None:
+    """MiningFileError naming the images whose size changed since the file was mined (replaced in place); a
+    warning naming those with another modification time only (touched, or copied without their times)."""
+    if "image_sizes" not in mined:
+        logger.warning(
+            "%s records no image sizes (made by an older version): images replaced in place since cannot be noticed",
+            path,
+        )
+        return
+    now = image_file_stats(index)
+    paths = index.database_paths + index.queries_paths
+    resized = np.flatnonzero(now["image_sizes"] != mined["image_sizes"])
+    if len(resized):
+        shown = ", ".join(paths[i] for i in resized[:5])
+        raise MiningFileError(
+            f"{len(resized)} images changed since {path} was mined (same path, another size), e.g. {shown}: its "
+            f"negatives are stale. Rebuild it with: {rebuild_hint}"
+        )
+    touched = np.flatnonzero(now["image_mtimes_ns"] != mined["image_mtimes_ns"])
+    if len(touched):
+        logger.warning(
+            "%d images have another modification time than when %s was mined (same size), e.g. %s: if they were "
+            "edited, rebuild the file (%s); if they were only copied, ignore this",
+            len(touched),
+            path,
+            ", ".join(paths[i] for i in touched[:5]),
+            rebuild_hint,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,13 +231,20 @@ class TupleMiner:
             raise ValueError(f"mining mode must be one of {MINING_MODES}, got {mode!r}")
         if index.hard_positives_per_query is None or index.soft_positives_per_query is None:
             raise ValueError(f"{index.summary()} has no hard/soft positives: mining needs a training split")
+        if index.queries_num == 0:
+            raise MiningError(
+                f"the training split {index.summary()} has no query with a positive (a database image within "
+                f"--train_positives_dist_threshold): nothing to train on. Check the UTM coordinates of its images "
+                f"or the threshold"
+            )
         if mode == "global" and hard_negatives is None:
             raise ValueError("mining 'global' needs the hard-negative file (--hard_negatives)")
         available = index.database_num - max(len(p) for p in index.soft_positives_per_query)
         if negs_num_per_query > available:
-            raise ValueError(
-                f"--negs_num_per_query {negs_num_per_query} exceeds the {available} database images "
-                f"that are not positives of some query"
+            raise MiningError(
+                f"--negs_num_per_query {negs_num_per_query} is more than the training split {index.summary()} "
+                f"can give: some query has only {available} database images that are not its positives. "
+                + (f"Use --negs_num_per_query {available} or fewer" if available > 0 else "Add database images")
             )
         self.index, self.mode, self.negs_num_per_query = index, mode, negs_num_per_query
         self.neg_hardness, self.neg_samples_num, self.hard_negatives = neg_hardness, neg_samples_num, hard_negatives

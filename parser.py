@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
+from evaluation import AUTO_IMAGE_DECODER, AUTO_RERANK_KERNEL
+from feature_store import DEVICE_MEMORY_SHARE, FEATURE_DTYPES, HOST_MEMORY_SHARE, TIERS
 from model.backbone import BACKBONES, patch_grid
 from model.checkpoint import CheckpointError, open_checkpoint
 from model.network import INPUT_NORMS, LOCAL_HEAD_INITS, ModelConfig
-from model.reranker import num_regions
+from model.reranker import RERANK_KERNELS, num_regions
+from places.folders import FOLDERS_NAME
+from places.images import IMAGE_DECODERS
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +77,8 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
     return value
 
 
@@ -111,6 +116,17 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         default=25.0,
         help="metres: database images this close to a query are correct answers (and are never "
         "used as training negatives)",
+    )
+    group.add_argument(
+        "--preprocessing",
+        choices=("auto", "pil", "reference"),
+        default="auto",
+        help="how an image becomes the network's input at test time. 'pil': PIL bilinear (antialiased) resize of "
+        "the 8-bit image, then ImageNet normalisation (what training uses, here and in the reference); "
+        "'reference': normalisation, then a bilinear resize of the float tensor without antialiasing, the "
+        "reference's test-time function bit for bit. 'auto': 'reference' when test.py or "
+        "pre_compute_mining.py run one of the reference's checkpoints, 'pil' otherwise (training tuples always "
+        "use 'pil')",
     )
     group.add_argument(
         "--msls_cache_dir",
@@ -218,6 +234,70 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
         "(handy in scripts that chain runs)",
     )
     group.add_argument("--seed", type=int, default=42, help="seed for python, numpy and torch")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs an earlier run left in --output_folder (and an existing --output file of "
+        "pre_compute_mining.py); without it such a run is refused. Resuming a training run from the last.pth "
+        "in its own folder needs no --overwrite",
+    )
+    group.add_argument(
+        "--dist_timeout",
+        type=_positive_float,
+        default=30.0,
+        help="launched by torchrun with several processes: minutes a process waits for the others at a "
+        "synchronisation point before the run stops with an error (docs/distributed.md)",
+    )
+
+
+def _auto_text(auto: dict[str, str]) -> str:
+    """{"cpu": "a", "cuda": "b"} -> "a on the CPU, b on CUDA" (or "a" when both agree)."""
+    if len(set(auto.values())) == 1:
+        return next(iter(auto.values()))
+    return f"{auto['cpu']} on the CPU, {auto['cuda']} on CUDA"
+
+
+def add_speed_args(group) -> None:
+    """How evaluation computes (the same function, faster): reranker kernel, CUDA graphs, store, image decoding."""
+    group.add_argument(
+        "--rerank_kernel",
+        choices=("auto", *RERANK_KERNELS),
+        default="auto",
+        help="how the reranker computes (docs/reranker_speed.md): 'plain' reproduces the reference; 'stage0' runs "
+        "each image's stage-0 self graph once, at extraction, instead of once per (query, candidate) pair (same "
+        "function); 'fused_tf32' / 'fused_bf16' add a fused Triton distance attention on TF32 / bf16 tensor cores "
+        f"(CUDA; other rounding). auto: {_auto_text(AUTO_RERANK_KERNEL)}. The fused kernels ignore --precision",
+    )
+    group.add_argument(
+        "--rerank_cuda_graphs",
+        action="store_true",
+        help="replay the reranker as a CUDA graph per batch shape (CUDA only; saves the launch overhead of its "
+        "many small operations)",
+    )
+    group.add_argument(
+        "--store_tier",
+        choices=("auto", *TIERS),
+        default="auto",
+        help="where the local features are held during evaluation (docs/feature_store.md): 'device' (GPU memory), "
+        "'host' (RAM, pinned on CUDA machines), 'disk'; auto: the device when the store takes at most "
+        f"{DEVICE_MEMORY_SHARE * 100:.0f}%% of the free GPU memory, else RAM when it takes at most "
+        f"{HOST_MEMORY_SHARE * 100:.0f}%% of the available RAM, else disk",
+    )
+    group.add_argument(
+        "--store_dtype",
+        choices=tuple(FEATURE_DTYPES),
+        default="float16",
+        help="precision of the stored local features: float16 halves the store; float32 keeps the reranker's "
+        "input exact (float16 rounding can swap near-tied candidates)",
+    )
+    group.add_argument(
+        "--image_decoder",
+        choices=("auto", *IMAGE_DECODERS),
+        default="auto",
+        help="'pil': DataLoader workers decode and resize; 'torchvision': workers read the files and the device "
+        "decodes each batch (nvJPEG on CUDA; JPEGs only, others fall back to PIL). "
+        f"auto: {_auto_text(AUTO_IMAGE_DECODER)}",
+    )
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -235,6 +315,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="queries per reranker call (preset 2; memory grows with it)",
     )
+    add_speed_args(group)
     group.add_argument(
         "--rerank_fusion",
         type=_fraction,
@@ -249,17 +330,71 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         default=[1, 5, 10, 20, 100],
         help="N of the recall@N values to report",
     )
+    add_faiss_args(group)
     group.add_argument(
         "--num_preds_to_save",
         type=_non_negative_int,
         default=0,
         help="if > 0, save a PNG per query with the query beside its top N global and reranked "
-        "predictions (correct ones framed green, wrong ones red)",
+        "predictions (correct ones framed green, wrong ones red, all light grey without ground truth)",
     )
     group.add_argument(
         "--save_only_wrong_preds",
         action="store_true",
-        help="with --num_preds_to_save: only the queries whose reranked top-1 is wrong",
+        help="pictures only for the queries whose reranked top-1 is wrong",
+    )
+    group.add_argument(
+        "--num_queries_to_save",
+        type=_non_negative_int,
+        default=0,
+        help="pictures (--num_preds_to_save, and test.py's --rerank_pictures) for this many queries, spread "
+        "evenly over the split; 0: every query",
+    )
+
+
+def add_faiss_args(group) -> None:
+    """Global retrieval beyond exact search (docs/distributed.md)."""
+    group.add_argument(
+        "--faiss_index",
+        default=None,
+        help="global retrieval with this faiss index-factory string instead of exact search, for databases of "
+        "millions of images, e.g. IVF4096,PQ32: trained on --faiss_train_size database descriptors, its "
+        "candidates are reranked, and results.json reports exact search's recall@N beside it "
+        "(default: exact search)",
+    )
+    group.add_argument(
+        "--faiss_nprobe", type=_positive_int, default=32, help="inverted lists searched per query (IVF indexes)"
+    )
+    group.add_argument(
+        "--faiss_train_size",
+        type=_positive_int,
+        default=100_000,
+        help="database descriptors, drawn at random, that train --faiss_index",
+    )
+
+
+def add_folders_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "your own photos (docs/own_photos.md): two plain folders instead of --datasets_folder/--dataset_name"
+    )
+    group.add_argument(
+        "--database_folder",
+        default=None,
+        help="folder of database photos (searched recursively; jpg, png, bmp, tif, webp). Ground truth comes from "
+        "VG-format file names or EXIF GPS when every photo has one, else there are no recalls",
+    )
+    group.add_argument("--queries_folder", default=None, help="folder of query photos (needs --database_folder)")
+
+
+def add_rerank_picture_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pictures of the reranking")
+    group.add_argument(
+        "--rerank_pictures",
+        type=_non_negative_int,
+        default=0,
+        help="if > 0, save a PNG per pictured query (see --num_queries_to_save) showing its reranked top N beside "
+        "the query: the region pairs the stage-1 cross graph matched, regions shaded by attention, and each "
+        "candidate's global and reranked rank (docs/outputs.md)",
     )
 
 
@@ -271,7 +406,8 @@ def test_parser() -> argparse.ArgumentParser:
         "rerank them with the patch-to-region graph reranker, report recall@N.",
         epilog="Examples:\n  python test.py                          # the built-in toy world\n"
         "  python test.py --dataset_name pitts30k --datasets_folder /data --resume ckpt.pth\n"
-        "  python test.py --dataset_name msls --split val --datasets_folder /data --resume msls_prgs.pt",
+        "  python test.py --dataset_name msls --split val --datasets_folder /data --resume msls_prgs.pt\n"
+        "  python test.py --database_folder photos/db --queries_folder photos/q --resume ckpt.pth --rerank_pictures 3",
     )
     add_data_args(parser)
     parser.add_argument(
@@ -280,9 +416,11 @@ def test_parser() -> argparse.ArgumentParser:
         default="test",
         help="split to evaluate (MSLS: 'val' gives recalls, 'test' writes the challenge submission)",
     )
+    add_folders_args(parser)
     add_model_args(parser)
     add_runtime_args(parser, save_dir="test")
     add_eval_args(parser)
+    add_rerank_picture_args(parser)
     return parser
 
 
@@ -450,6 +588,7 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--mining global needs --hard_negatives FILE (made by pre_compute_mining.py)")
     if args.mining == "global" and args.neg_hardness < args.negs_num_per_query:
         parser.error(f"--neg_hardness {args.neg_hardness} must be >= --negs_num_per_query {args.negs_num_per_query}")
+    resolve_preprocessing(args, evaluates_checkpoints=False)
     return args
 
 
@@ -485,6 +624,7 @@ def parse_mining_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = mining_parser()
     args = parser.parse_args(argv)
     apply_presets(args, parser, reranks=False)
+    resolve_preprocessing(args, evaluates_checkpoints=True)
     args.output = args.output or f"result/{args.dataset_name}_hard_negatives.npz"
     return args
 
@@ -492,8 +632,46 @@ def parse_mining_args(argv: list[str] | None = None) -> argparse.Namespace:
 def parse_test_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = test_parser()
     args = parser.parse_args(argv)
+    if (args.database_folder is None) != (args.queries_folder is None):
+        parser.error("--database_folder and --queries_folder go together: give both or neither")
+    if args.database_folder is not None:
+        if args.dataset_name not in (parser.get_default("dataset_name"), FOLDERS_NAME):
+            parser.error(f"--database_folder/--queries_folder replace --dataset_name (got {args.dataset_name})")
+        args.dataset_name = FOLDERS_NAME
     apply_presets(args, parser)
+    resolve_preprocessing(args, evaluates_checkpoints=True)
+    if args.preprocessing == "reference" and args.image_decoder == "torchvision":
+        parser.error(
+            "--preprocessing reference resizes normalised pixels, which only the PIL workers compute: use "
+            "--image_decoder pil (or auto)"
+        )
     return args
+
+
+REFERENCE_LAYOUTS = ("reference_full", "reference_global")
+
+
+def resolve_preprocessing(args: argparse.Namespace, evaluates_checkpoints: bool) -> None:
+    """--preprocessing auto -> 'reference' when the script evaluates (or mines with) one of the reference's
+    checkpoints, so that it computes the reference's test-time function; 'pil' otherwise (training writes this
+    project's checkpoints, which are trained and validated with 'pil')."""
+    if args.preprocessing != "auto":
+        return
+    layout = open_checkpoint(args.resume).layout if args.resume else None
+    args.preprocessing = "reference" if evaluates_checkpoints and layout in REFERENCE_LAYOUTS else "pil"
+    if args.preprocessing == "reference":
+        logger.info("--preprocessing auto: the reference's test-time preprocessing, for its checkpoint %s", args.resume)
+
+
+def resumes_into_output_folder(args: argparse.Namespace) -> bool:
+    """True when train_reranking.py resumes, exactly, a last.pth that lies in --output_folder: the run continues in
+    its own folder, which therefore may hold its earlier outputs."""
+    if not args.resume or not args.output_folder:
+        return False
+    if Path(args.resume).resolve().parent != Path(args.output_folder).resolve():
+        return False
+    state = open_checkpoint(args.resume).state
+    return "training_state" in state and (state.get("args") or {}).get("train_stage") == args.train_stage
 
 
 def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, reranks: bool = True) -> None:
@@ -505,6 +683,8 @@ def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, rer
     """
     checkpoint_config, built_size = None, None
     if getattr(args, "resume", None):
+        if Path(args.resume).is_dir():
+            parser.error(f"--resume {args.resume} is a folder; expected a checkpoint file, e.g. {args.resume}/last.pth")
         if not Path(args.resume).is_file():
             parser.error(f"--resume {args.resume}: file not found")
         try:
@@ -581,6 +761,8 @@ def split_options(args: argparse.Namespace) -> dict:
     )
     if hasattr(args, "train_positives_dist_threshold"):
         options["train_positive_dist_threshold"] = args.train_positives_dist_threshold
+    if args.dataset_name == FOLDERS_NAME:
+        options.update(database_folder=args.database_folder, queries_folder=args.queries_folder, image_size=args.resize)
     return options
 
 

@@ -4,7 +4,8 @@
 
 Computes global descriptors of the training split with the given model (this project's checkpoint, or the
 reference's global-only DeiT checkpoint), then writes result/<dataset_name>_hard_negatives.npz (docs/hard_negatives.md)
-for train_reranking.py --mining global.
+for train_reranking.py --mining global. Under torchrun the ranks share the descriptor extraction and rank 0 mines
+and writes the file (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -13,10 +14,16 @@ import logging
 
 import numpy as np
 
-import util
+import distributed
 from datasets_ws import load_split
 from extraction import global_descriptors
-from mining import dataset_fingerprints, file_sha1, hard_negatives_from_descriptors, save_hard_negatives
+from mining import (
+    dataset_fingerprints,
+    file_sha1,
+    hard_negatives_from_descriptors,
+    image_file_stats,
+    save_hard_negatives,
+)
 from model.checkpoint import build_model
 from parser import model_options, parse_mining_args, split_options
 
@@ -25,30 +32,46 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_mining_args(argv)
-    run = util.start_run(args)
-    index = load_split(args.datasets_folder, args.dataset_name, "train", **split_options(args))
-    model, checkpoint = build_model(args.model_config, **model_options(args))
-    if checkpoint is None:
-        logger.warning("no --resume: mining with an untrained global model gives poor negatives")
-    model = model.to(run.device)
-    descriptors = global_descriptors(
-        model,
-        index,
-        np.arange(len(index)),
-        args.resize,
-        run.device,
-        args.infer_batch_size,
-        args.num_workers,
-        args.precision,
-    )
-    hard_negatives = hard_negatives_from_descriptors(
-        descriptors[: index.database_num],
-        descriptors[index.database_num :],
-        index.soft_positives_per_query,
-        args.num_hard_negatives,
-        args.chunk_size,
-    )
-    metadata = {
+    with distributed.start_run(args, output_files=[args.output]) as run:
+        index = load_split(args.datasets_folder, args.dataset_name, "train", **split_options(args))
+        model, checkpoint = build_model(args.model_config, **model_options(args))
+        if checkpoint is None:
+            logger.warning("no --resume: mining with an untrained global model gives poor negatives")
+        model = model.to(run.device)
+        descriptors = global_descriptors(
+            model,
+            index,
+            np.arange(len(index)),
+            args.resize,
+            run.device,
+            args.infer_batch_size,
+            args.num_workers,
+            args.precision,
+            preprocessing=args.preprocessing,
+        )
+        if not distributed.is_main():  # every rank extracts its share; rank 0 mines and writes
+            return args.output
+        hard_negatives = hard_negatives_from_descriptors(
+            descriptors[: index.database_num],
+            descriptors[index.database_num :],
+            index.soft_positives_per_query,
+            args.num_hard_negatives,
+            args.chunk_size,
+        )
+        save_hard_negatives(args.output, hard_negatives, mining_metadata(args, index, model), image_file_stats(index))
+        logger.info(
+            "wrote %s: %d queries x %d negatives (%d padding entries) in %.0f s",
+            args.output,
+            *hard_negatives.shape,
+            int((hard_negatives < 0).sum()),
+            run.seconds(),
+        )
+    return args.output
+
+
+def mining_metadata(args, index, model) -> dict:
+    """What the hard-negative file records about how it was made (docs/hard_negatives.md)."""
+    return {
         "dataset": index.name,
         "datasets_folder": str(args.datasets_folder),
         **dataset_fingerprints(index),
@@ -61,17 +84,9 @@ def main(argv: list[str] | None = None) -> str:
         "model_checkpoint_sha1": file_sha1(args.resume) if args.resume else None,
         "model": model.config.to_dict(),
         "image_size": list(args.resize),
+        "preprocessing": args.preprocessing,
     }
-    save_hard_negatives(args.output, hard_negatives, metadata)
-    logger.info(
-        "wrote %s: %d queries x %d negatives (%d padding entries) in %.0f s",
-        args.output,
-        *hard_negatives.shape,
-        int((hard_negatives < 0).sum()),
-        run.seconds(),
-    )
-    return args.output
 
 
 if __name__ == "__main__":
-    util.run_entry_point(main)
+    distributed.run_entry_point(main)

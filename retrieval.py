@@ -1,20 +1,49 @@
-"""Global retrieval with faiss (exact L2), recall@N, and the optional fusion of reranker and global scores."""
+"""Global retrieval with faiss (exact L2, or an approximate index from an index-factory string), on every visible GPU
+with faiss-gpu, recall@N, and the optional fusion of reranker and global scores."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
 import torch
 
+from util import PRGSError
+
 logger = logging.getLogger(__name__)
 
 
-def faiss_uses_gpu(device: torch.device) -> bool:
+class RetrievalError(PRGSError, ValueError):
+    """A --faiss_index that faiss cannot build, train or search as asked."""
+
+
+def faiss_uses_gpu(device: torch.device | None) -> bool:
     """True when faiss was built with GPU support and the run is on CUDA."""
-    return device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return (
+        device is not None
+        and device.type == "cuda"
+        and hasattr(faiss, "StandardGpuResources")
+        and faiss.get_num_gpus() > 0
+    )
+
+
+def on_gpus(index: faiss.Index, device: torch.device | None) -> faiss.Index:
+    """With faiss-gpu on a CUDA run: ``index`` copied to the visible GPUs, its rows split among them (one GPU: the
+    whole index there); otherwise, or when faiss-gpu cannot hold this kind of index, ``index`` itself."""
+    if not faiss_uses_gpu(device):
+        return index
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard = True  # each GPU holds a part of the database; searches are merged
+    try:
+        return faiss.index_cpu_to_all_gpus(index, co=options)
+    except RuntimeError as error:
+        logger.warning("faiss-gpu cannot hold %s (%s); searching on the CPU", type(index).__name__, error)
+        return index
 
 
 def exact_knn(
@@ -22,20 +51,119 @@ def exact_knn(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact L2 nearest neighbours: database (Nd, D), queries (Nq, D) -> (squared distances, indices), (Nq, k).
 
-    k must not exceed Nd (faiss would pad with -1). Runs on the GPU when faiss-gpu is installed and device is cuda.
+    k must not exceed Nd (faiss would pad with -1). Runs on the visible GPUs when faiss-gpu is installed and device
+    is cuda.
     """
     database = np.ascontiguousarray(database, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if not 0 < k <= len(database):
         raise ValueError(f"k must be in [1, {len(database)}] (the database size), got {k}")
-    index = faiss.IndexFlatL2(database.shape[1])
-    if device is not None and faiss_uses_gpu(device):
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
+    index = on_gpus(faiss.IndexFlatL2(database.shape[1]), device)
     index.add(database)
     distances, predictions = index.search(queries, k)
     if (predictions < 0).any():  # cannot happen with k <= Nd; checked because a -1 would index the last image
         raise RuntimeError("faiss returned -1 indices")
     return distances, predictions.astype(np.int64)
+
+
+def approximate_knn(
+    database: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    factory: str,
+    nprobe: int,
+    train_size: int,
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Search with the faiss index-factory string ``factory`` (e.g. 'IVF4096,PQ32'): build_index, then
+    search_index. database (Nd, D), queries (Nq, D) -> (squared distances as the index computes them, approximate
+    for compressed codes; indices), (Nq, k); and seconds to train and to add, milliseconds per query to search."""
+    index, timings = build_index(database, factory, train_size, device)
+    distances, predictions, timings["ms_per_query"] = search_index(index, queries, k, factory, nprobe)
+    return distances, predictions, timings
+
+
+def build_index(
+    database: np.ndarray, factory: str, train_size: int, device: torch.device | None = None
+) -> tuple[faiss.Index, dict[str, float]]:
+    """The index ``factory`` describes, trained on ``train_size`` database rows drawn at random (fixed seed) and
+    holding every row (Nd, D), on the visible GPUs with faiss-gpu; and the seconds it took to train and to add."""
+    database = np.ascontiguousarray(database, dtype=np.float32)
+    try:
+        index = faiss.index_factory(database.shape[1], factory)
+    except RuntimeError as error:
+        raise RetrievalError(
+            f"--faiss_index {factory!r} is not a faiss index-factory string ({_last_line(error)})"
+        ) from error
+    _plain_training(index)
+    rng = np.random.default_rng(0)
+    sample = database[np.sort(rng.choice(len(database), min(train_size, len(database)), replace=False))]
+    start = time.perf_counter()
+    try:
+        index.train(sample)
+    except RuntimeError as error:
+        raise RetrievalError(
+            f"--faiss_index {factory!r} cannot be trained on {len(sample)} database descriptors "
+            f"({_last_line(error)}): use fewer inverted lists (IVFn) or PQ codes of fewer bits (PQmx4), or a "
+            "larger --faiss_train_size"
+        ) from error
+    timings = {"train_seconds": time.perf_counter() - start}
+    start = time.perf_counter()
+    index.add(database)
+    timings["add_seconds"] = time.perf_counter() - start
+    return on_gpus(index, device), timings
+
+
+def search_index(
+    index: faiss.Index, queries: np.ndarray, k: int, factory: str, nprobe: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(distances, indices) (Nq, k) of queries (Nq, D) in a built index, visiting ``nprobe`` inverted lists (IVF
+    indexes), and the milliseconds per query; RetrievalError when some query gets fewer than k results."""
+    if "IVF" in factory:
+        space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
+        space.set_index_parameter(index, "nprobe", nprobe)
+    start = time.perf_counter()
+    distances, predictions = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    ms_per_query = 1000 * (time.perf_counter() - start) / max(1, len(queries))
+    short = int((predictions < 0).any(axis=1).sum())
+    if short:
+        raise RetrievalError(
+            f"--faiss_index {factory!r} with --faiss_nprobe {nprobe} found fewer than {k} candidates for {short} of "
+            f"{len(queries)} queries: raise --faiss_nprobe or use fewer inverted lists"
+        )
+    return distances, predictions.astype(np.int64), ms_per_query
+
+
+def _plain_training(index: faiss.Index) -> None:
+    """Leave out of training what plain search does not use (IVF-PQ's polysemous code ordering, which is slow),
+    and faiss's warning for each k-means run with few points per centroid (one per PQ sub-quantizer)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    concrete = faiss.downcast_index(ivf if ivf is not None else index)
+    if hasattr(concrete, "do_polysemous_training"):
+        concrete.do_polysemous_training = False
+    for part in (concrete, getattr(concrete, "pq", None)):
+        if part is not None and hasattr(part, "cp"):
+            part.cp.min_points_per_centroid = 1
+
+
+def _last_line(error: Exception) -> str:
+    """faiss's C++ message without the source location and failed check it starts with."""
+    message = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+    if "Error: " in message:
+        return message.split("Error: ", 1)[1].split("failed: ", 1)[-1]
+    return message.split(": ", 1)[-1]
+
+
+@contextmanager
+def all_cores_for_faiss() -> Iterator[None]:
+    """faiss on every core this process may use, for a search that one process runs while the others wait (torchrun
+    gives each process OMP_NUM_THREADS=1); the previous thread count afterwards."""
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def clamp_top_k(requested: int, database_num: int, what: str = "--rerank_top") -> int:
@@ -85,7 +213,7 @@ def paired_bootstrap(
     samples = np.random.default_rng(seed).integers(len(differences), size=(resamples, len(differences)))
     means = differences[samples].mean(axis=1)  # (resamples,)
     lower, upper = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return 100.0 * differences.mean(), 100.0 * lower, 100.0 * upper
+    return float(100.0 * differences.mean()), float(100.0 * lower), float(100.0 * upper)
 
 
 def fused_scores(probabilities: np.ndarray, squared_distances: np.ndarray, weight: float) -> np.ndarray:

@@ -5,33 +5,34 @@
 
 Stages (--train_stage): 'reranker' trains local_head + the reranker on a frozen backbone (the reference's), 'full'
 also the backbone, 'global' the global descriptor alone. See training.py for the loss and the checkpoints.
+`torchrun --nproc_per_node N train_reranking.py ...` trains with N processes (docs/distributed.md).
 """
 
 from __future__ import annotations
 
-import util
+import distributed
 from datasets_ws import load_split
 from model.checkpoint import build_model
-from parser import model_options, parse_train_args, split_options
+from parser import model_options, parse_train_args, resumes_into_output_folder, split_options
 from training import Trainer, TrainingSplits
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_train_args(argv)
-    run = util.start_run(args)
-    splits = TrainingSplits(
-        *(
-            load_split(args.datasets_folder, args.dataset_name, split, **split_options(args))
-            for split in ("train", "val", args.test_split)
+    with distributed.start_run(args, resumes_in_place=resumes_into_output_folder(args)) as run:
+        splits = TrainingSplits(
+            *(
+                load_split(args.datasets_folder, args.dataset_name, split, **split_options(args))
+                for split in ("train", "val", args.test_split)
+            )
         )
-    )
-    model, checkpoint = build_model(args.model_config, **model_options(args))
-    trainer = Trainer(model.to(run.device), checkpoint, splits, args, run)
-    trainer.test_before_training()
-    stopped = trainer.train()
-    trainer.test_best(stopped)
-    return trainer.write_results(stopped)
+        model, checkpoint = build_model(args.model_config, **model_options(args))
+        trainer = Trainer(model.to(run.device), checkpoint, splits, args, run)
+        trainer.test_before_training()
+        stopped = trainer.train()
+        trainer.test_best(stopped)
+        return trainer.write_results(stopped)
 
 
 if __name__ == "__main__":
-    util.run_entry_point(main)
+    distributed.run_entry_point(main)

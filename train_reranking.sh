@@ -3,7 +3,8 @@
 #
 # Without arguments: the whole pipeline on the built-in toy world, on a CPU in a few minutes (docs/toy_world.md):
 #   0. make the toy world of seed $SEED (default 0) unless it is there
-#   1. fit the global descriptor (DeiT, triplet loss) on it, unless <demo folder>/global_model exists
+#   1. fit the global descriptor (DeiT, triplet loss) on it, unless <demo folder>/global_model holds a
+#      finished fit (its results.json); an interrupted fit is resumed
 #   2. mine hard negatives with it (pre_compute_mining.py)
 #   3. train local_head + reranker on top of it (backbone frozen), validating every epoch
 #   4. test the best model: test R@1 of global and reranked retrieval before and after training, and the margins
@@ -45,14 +46,23 @@ START=$SECONDS
 echo "== 0/3 the toy world of seed $SEED in $DATA/toy_world (made once, about 2400 images)"
 "$PYTHON" -m places.toy_world --datasets_folder "$DATA" --seed "$SEED"
 
-if [ ! -f "$GLOBAL_MODEL/best.pth" ]; then
+# The global model is reused only when its run finished (results.json is written at the very end of a run) on the
+# world there now (a world made again, e.g. by a newer generator, is newer than the fit). An interrupted fit is
+# resumed from its own last.pth instead.
+if [ -f "$GLOBAL_MODEL/results.json" ] && [ "$DATA/toy_world/toy_world.json" -nt "$GLOBAL_MODEL/results.json" ]; then
+  echo "== the toy world in $DATA was made after $GLOBAL_MODEL: fitting the global descriptor again"
+  rm -rf "$GLOBAL_MODEL"
+fi
+if [ ! -f "$GLOBAL_MODEL/results.json" ] || grep -q '"stopped": "max_steps"' "$GLOBAL_MODEL/results.json"; then
+  RESUME=()
+  if [ -f "$GLOBAL_MODEL/last.pth" ]; then RESUME=(--resume "$GLOBAL_MODEL/last.pth"); fi
   echo "== 1/3 fitting the global descriptor on the toy world (saved in $GLOBAL_MODEL, reused next time)"
   # From scratch on a CPU: the hardest negatives of the whole database and a margin of 0.5; lr 3e-4 (at 1e-3 the
   # descriptors collapse). The best of 4 short epochs on val is kept.
   "$PYTHON" -u train_reranking.py "${COMMON[@]}" --train_stage global --backbone_weights none \
     --mining full --neg_samples_num 1000 --negs_num_per_query 5 --margin 0.5 --lr 3e-4 \
     --queries_per_epoch 240 --cache_refresh_rate 240 --train_batch_size 8 --epochs_num 4 --patience 4 \
-    --output_folder "$GLOBAL_MODEL"
+    ${RESUME[@]+"${RESUME[@]}"} --output_folder "$GLOBAL_MODEL"
 else
   echo "== 1/3 global descriptor: reusing $GLOBAL_MODEL/best.pth"
 fi

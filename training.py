@@ -14,6 +14,11 @@ negative) triplets, as in the reference, and is simply added.
 
 Checkpoints (last.pth and best.pth, written atomically; docs/checkpoints.md) hold what --resume last.pth needs to
 continue exactly where it stopped.
+
+Several processes (torchrun, docs/distributed.md): --train_batch_size is the global batch; each rank takes its
+contiguous share of every batch and DistributedDataParallel averages the gradients, so a step equals one process's
+step on the whole batch up to float rounding. Mining descriptors, the frozen-backbone cache and validation are split
+across the ranks and gathered; every rank then holds the same state, and rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -31,15 +36,16 @@ import torch.nn.functional as F
 import torch.utils.data
 from tqdm import tqdm
 
+import distributed
 import util
 from datasets_ws import TupleDataset
 from evaluation import build_results, eval_settings, evaluate, recalls_by_name, recalls_table, write_outputs
 from extraction import global_descriptors, image_batches
-from mining import TupleMiner, Tuples, file_sha1, load_hard_negatives
+from mining import MiningError, TupleMiner, Tuples, file_sha1, load_hard_negatives
 from model.backbone import patch_grid
 from model.checkpoint import LoadedCheckpoint, load_weights, open_checkpoint, save_model
 from model.network import PRGSNetwork
-from places.index import PlaceIndex
+from places.index import DatasetError, PlaceIndex
 from retrieval import first_correct_rank, paired_bootstrap
 from visualize import save_training_curves
 
@@ -108,6 +114,32 @@ def rerank_loss(model: PRGSNetwork, local: torch.Tensor, grid: tuple[int, int]) 
     return 0.5 * positive + 0.5 * negatives
 
 
+class TupleObjective(torch.nn.Module):
+    """The loss of a batch of tuples as a module, what DistributedDataParallel wraps so that backward averages the
+    gradients across ranks. forward(images (B, T, 3, H, W), or None when ``cache`` holds the backbone outputs;
+    image ids (B, T)) -> (loss, its parts)."""
+
+    def __init__(
+        self,
+        model: PRGSNetwork,
+        stage: str,
+        margin: float,
+        grid: tuple[int, int],
+        cache: FrozenBackboneCache | None,
+        device: torch.device,
+    ):
+        super().__init__()
+        self.model, self.stage, self.margin, self.grid = model, stage, margin, grid
+        self.cache, self.device = cache, device
+
+    def forward(self, images: torch.Tensor | None, image_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.cache is None:
+            return tuple_loss(self.model, images, self.stage, self.margin, self.grid)
+        local = self.cache.local(self.model, image_ids.flatten(), self.device)  # (B*T, L, C)
+        loss = rerank_loss(self.model, local.reshape(*image_ids.shape, *local.shape[1:]), self.grid)
+        return loss, {"rerank_ce": float(loss.detach())}
+
+
 class FrozenBackboneCache:
     """Backbone outputs (tokens, attention) of every training image, computed once: with the backbone frozen
     (stage reranker) they never change, so each step only runs local_head and the reranker."""
@@ -122,25 +154,29 @@ class FrozenBackboneCache:
         num_workers: int,
         precision: str,
     ):
+        own = np.arange(len(index))[distributed.shard_bounds(len(index), batch_size)]  # this rank's whole batches
         descriptors, tokens, attention = [], [], []
-        for _, out in image_batches(
-            model,
-            lambda images: model.backbone_outputs(images, with_local=True),
-            index,
-            range(len(index)),
-            image_size,
-            device,
-            batch_size,
-            num_workers,
-            precision,
-            "caching frozen backbone outputs",
-        ):
-            descriptors.append(out.global_descriptor.float().cpu())
-            tokens.append(out.tokens.float().cpu())
-            attention.append(out.attention.float().cpu())
-        self.descriptors = torch.cat(descriptors).numpy()  # (N, D), for mining
-        self.tokens = torch.cat(tokens)  # (N, L, C)
-        self.attention = torch.cat(attention)  # (N, L)
+        with distributed.stop_together("caching frozen backbone outputs"):
+            for _, out in image_batches(
+                model,
+                lambda images: model.backbone_outputs(images, with_local=True),
+                index,
+                own,
+                image_size,
+                device,
+                batch_size,
+                num_workers,
+                precision,
+                "caching frozen backbone outputs",
+            ):
+                descriptors.append(out.global_descriptor.float().cpu())
+                tokens.append(out.tokens.float().cpu())
+                attention.append(out.attention.float().cpu())
+        grid = patch_grid(image_size)
+        num_nodes = grid[0] * grid[1]
+        self.descriptors = distributed.gather_rows(_cat(descriptors, model.config.fc_output_dim)).numpy()  # (N, D)
+        self.tokens = distributed.gather_rows(_cat(tokens, num_nodes, model.backbone.token_dim))  # (N, L, C)
+        self.attention = distributed.gather_rows(_cat(attention, num_nodes))  # (N, L)
         self.image_size = tuple(image_size)
         logger.info(
             "cached frozen backbone outputs of %d images (%.0f MB)",
@@ -153,6 +189,11 @@ class FrozenBackboneCache:
         return model.local_nodes(
             self.tokens[image_ids].to(device), self.attention[image_ids].to(device), self.image_size
         )
+
+
+def _cat(parts: list[torch.Tensor], *row_shape: int) -> torch.Tensor:
+    """torch.cat(parts), or an empty (0, *row_shape) tensor for a rank that had no images."""
+    return torch.cat(parts) if parts else torch.empty(0, *row_shape)
 
 
 def triplet_loss(descriptors: torch.Tensor, margin: float) -> torch.Tensor:
@@ -175,11 +216,13 @@ def triplet_loss(descriptors: torch.Tensor, margin: float) -> torch.Tensor:
 
 @dataclass
 class TrainingState:
-    """Where training is and what it has seen. Position = the next (epoch, round, step in round) to run."""
+    """Where training is and what it has seen. Position = the next (epoch, round, step in round) to run;
+    tuples_done counts the current round's tuples already trained on (step_in_round x the batch size it ran with)."""
 
     epoch: int = 0
     round: int = 0
     step_in_round: int = 0
+    tuples_done: int = 0
     global_step: int = 0
     best_metric: float = -1.0
     best_epoch: int = -1
@@ -202,7 +245,13 @@ class TrainingState:
 
 
 def save_training_checkpoint(
-    path: Path, model: PRGSNetwork, optimizer: torch.optim.Optimizer, state: TrainingState, miner: TupleMiner, args
+    path: Path,
+    model: PRGSNetwork,
+    optimizer: torch.optim.Optimizer,
+    state: TrainingState,
+    miner: TupleMiner,
+    args,
+    device: torch.device,
 ) -> None:
     previous = miner.previous_negatives
     queries = torch.tensor(sorted(previous), dtype=torch.long)
@@ -220,6 +269,8 @@ def save_training_checkpoint(
             },
             "rng": util.rng_states(),
             "previous_negatives": {"queries": queries, "negatives": negatives},
+            "device": str(device),
+            "world_size": distributed.world_size(),
         },
         args=util.plain_args(args),
     )
@@ -234,7 +285,89 @@ def restore_training(
     previous = training["previous_negatives"]
     miner.previous_negatives = {int(q): n.numpy() for q, n in zip(previous["queries"], previous["negatives"])}
     util.set_rng_states(training["rng"])
-    return TrainingState.from_checkpoint(training["state"])
+    state = dict(training["state"])
+    if "tuples_done" not in state:  # written before tuples_done was recorded: steps of the checkpoint's batch size
+        state["tuples_done"] = state["step_in_round"] * (checkpoint.state.get("args") or {})["train_batch_size"]
+    return TrainingState.from_checkpoint(state)
+
+
+# Flags that do not change what training computes, or that the checkpoint itself sets (the model's): a resume may
+# give them freely.
+RESUME_FREE_FLAGS = frozenset(
+    (
+        "backbone",
+        "fc_output_dim",
+        "local_dim",
+        "num_kept_nodes",
+        "temperature",
+        "output_folder",
+        "save_dir",
+        "overwrite",
+        "resume",
+        "non_strict_resume",
+        "backbone_weights",
+        "datasets_folder",
+        "msls_cache_dir",
+        "max_steps",
+        "checkpoint_every_steps",
+        "num_workers",
+        "device",
+        "test_split",
+        "test_before_training",
+        "num_preds_to_save",
+        "save_only_wrong_preds",
+    )
+)
+
+
+def resume_differences(checkpoint_state: dict, args, device: torch.device) -> list[str]:
+    """What will differ from the interrupted run when resuming its last.pth with these flags: every flag that
+    changes training, validation or stopping and has another value than the checkpoint's, and the device."""
+    saved_args = checkpoint_state.get("args") or {}
+    now = util.plain_args(args)
+    differences = [
+        f"--{name} {_flag_text(now[name])} (the checkpoint's: {_flag_text(saved_args[name])})"
+        for name in sorted(set(now) & set(saved_args) - RESUME_FREE_FLAGS)
+        if now[name] != saved_args[name]
+    ]
+    saved_device = checkpoint_state["training_state"].get("device")
+    if saved_device is not None and torch.device(saved_device).type != device.type:
+        differences.append(f"device {device.type} (the checkpoint's: {saved_device}; floating-point results differ)")
+    saved_world = checkpoint_state["training_state"].get("world_size", 1)
+    if saved_world != distributed.world_size():
+        differences.append(
+            f"{distributed.world_size()} process(es) (the checkpoint's: {saved_world}): the global batch, the tuples, "
+            "the optimiser and the schedule continue as saved, but each step's gradient is averaged over another "
+            "split of the batch, so the weights follow the uninterrupted run up to float rounding, not bit for bit"
+        )
+    return differences
+
+
+def _flag_text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+class TrainingDivergedError(util.PRGSError):
+    """A non-finite loss or non-finite weights: training stops before anything is saved from them."""
+
+
+def check_training_settings(splits: TrainingSplits, args) -> None:
+    """Refuse, before any work, splits and flags with which training cannot run as asked: an empty validation or
+    test split, or a batch larger than a mining round (no step would run)."""
+    for name in ("val", "test"):
+        index = getattr(splits, name)
+        if index.queries_num == 0 or index.database_num == 0:
+            raise DatasetError(
+                f"the {name} split {index.summary()} has no queries or no database images: training could not "
+                f"validate or test on it"
+            )
+    queries_per_round = min(args.cache_refresh_rate, splits.train.queries_num)
+    if 0 < queries_per_round < args.train_batch_size:
+        raise MiningError(
+            f"--train_batch_size {args.train_batch_size} is larger than a mining round of {queries_per_round} "
+            f"queries (--cache_refresh_rate {args.cache_refresh_rate}, {splits.train.queries_num} training queries): "
+            f"no step would run. Use --train_batch_size {queries_per_round} or less"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,6 +391,7 @@ class Trainer:
         self.model, self.splits, self.args, self.run = model, splits, args, run
         self.device, self.grid = run.device, patch_grid(args.resize)
         self.with_rerank = args.train_stage != "global"
+        check_training_settings(splits, args)
         self.trainable = configure_stage(model, args.train_stage)
         logger.info(
             "stage %s: %d trainable parameters of %d (%s, input %dx%d)",
@@ -267,6 +401,7 @@ class Trainer:
             model.config.backbone,
             *args.resize,
         )
+        self.per_rank_batch = per_process_batch(args.train_batch_size)
         self.optimizer = torch.optim.AdamW(self.trainable, lr=args.lr, weight_decay=args.weight_decay)
         self.miner = TupleMiner(
             splits.train,
@@ -278,8 +413,11 @@ class Trainer:
         )
         self.state = self._start_or_resume(checkpoint)
         self.hits_before: dict[str, np.ndarray] | None = None  # per test query, from --test_before_training
+        self.steps_at_start = self.state.global_step
         self.settings = eval_settings(args, self.device)
         self.cache: FrozenBackboneCache | None = None
+        self.objective: torch.nn.Module | None = None  # TupleObjective, wrapped for several ranks; made by train()
+        self.train_seconds = 0.0  # in mining rounds' steps (data loading included), for results.json's throughput
         self.results: dict = {
             "stage": args.train_stage,
             "datasets": {name: getattr(splits, name).summary() for name in ("train", "val", "test")},
@@ -312,18 +450,30 @@ class Trainer:
         return hard_negatives
 
     def _start_or_resume(self, checkpoint: LoadedCheckpoint | None) -> TrainingState:
-        """The exact training state of a last.pth of this stage; a fresh state for anything else."""
+        """The exact training state of a last.pth of this stage; a fresh state for anything else. A resumed run
+        says which flags differ from the interrupted one (then it continues, but not exactly as that run would
+        have), and takes the interrupted run's best.pth along when it writes to another folder."""
         resumed_stage = (checkpoint.state.get("args") or {}).get("train_stage") if checkpoint is not None else None
         if checkpoint is not None and "training_state" in checkpoint.state and resumed_stage == self.args.train_stage:
             state = restore_training(checkpoint, self.optimizer, self.miner)
-            logger.info(
-                "resuming %s exactly: epoch %d, round %d, step %d (%d steps done)",
-                checkpoint.path,
-                state.epoch,
-                state.round,
-                state.step_in_round,
-                state.global_step,
+            differences = resume_differences(checkpoint.state, self.args, self.device)
+            where = (
+                f"epoch {state.epoch}, round {state.round}, step {state.step_in_round} ({state.global_step} steps done)"
             )
+            if differences:
+                logger.warning(
+                    "resuming %s at %s, but NOT exactly as the interrupted run would have continued: %s. Training "
+                    "continues with the new values; repeat the checkpoint's values for an exact resume",
+                    checkpoint.path,
+                    where,
+                    "; ".join(differences),
+                )
+            else:
+                logger.info("resuming %s exactly: %s", checkpoint.path, where)
+            self.run.note("last.pth", f"epoch {state.epoch}, round {state.round}, step {state.global_step}, as resumed")
+            if state.best_epoch >= 0:
+                self.run.note("best.pth", f"epoch {state.best_epoch}")
+            self._adopt_best(checkpoint.path.parent, state)
             return state
         if checkpoint is not None:
             logger.info(
@@ -333,6 +483,27 @@ class Trainer:
                 f", stage {resumed_stage}" if resumed_stage else "",
             )
         return TrainingState()
+
+    def _adopt_best(self, resumed_folder: Path, state: TrainingState) -> None:
+        """Copy the interrupted run's best.pth into this run's folder when they differ, so that the final test
+        tests the best epoch of the whole run."""
+        if state.best_epoch < 0 or resumed_folder.resolve() == self.run.folder.resolve():
+            return
+        source = resumed_folder / "best.pth"
+        epoch = open_checkpoint(source).state.get("metrics", {}).get("epoch") if source.is_file() else None
+        if epoch != state.best_epoch:
+            logger.warning(
+                "the best epoch so far (%d) has no best.pth beside the resumed checkpoint (%s%s): the final test "
+                "will test this run's best epoch if a later one improves, else none",
+                state.best_epoch,
+                source,
+                f" holds epoch {epoch}" if epoch is not None else " is missing",
+            )
+            return
+        if distributed.is_main():
+            util.atomic_write(self.run.folder / "best.pth", lambda file: file.write(source.read_bytes()))
+        self.run.note("best.pth", f"epoch {epoch}, copied from {source}")
+        logger.info("copied best.pth (epoch %d) from %s", epoch, source)
 
     def test_before_training(self) -> None:
         """With --test_before_training on a fresh start: the test split's recalls before any step."""
@@ -346,9 +517,9 @@ class Trainer:
 
     def _test_hits(self, evaluation) -> dict[str, np.ndarray] | None:
         """Per test query, whether global / reranked retrieval has a positive in its first N (N = the smallest
-        --recall_values), or None without ground truth."""
+        --recall_values), or None without ground truth or without a reranker (the global stage)."""
         positives = self.splits.test.soft_positives_per_query
-        if positives is None:
+        if positives is None or not self.with_rerank:
             return None
         n = self.args.recall_values[0]
         return {
@@ -369,6 +540,8 @@ class Trainer:
                 args.num_workers,
                 args.precision,
             )
+        objective = TupleObjective(self.model, args.train_stage, args.margin, self.grid, self.cache, self.device)
+        self.objective = distributed.wrap_for_training(objective, self.device)
         if args.cache_refresh_rate > self.splits.train.queries_num:
             logger.warning(
                 "--cache_refresh_rate %d is larger than the %d training queries: each round uses all of them",
@@ -397,9 +570,12 @@ class Trainer:
                 state.tuples = self.miner.mine(
                     queries, rng, self.global_descriptors_of, global_model_frozen=args.train_stage == "reranker"
                 )
-            if not self._run_round(state.tuples):
+            started = time.perf_counter()
+            finished = self._run_round(state.tuples)
+            self.train_seconds += time.perf_counter() - started
+            if not finished:
                 return False
-            state.round, state.step_in_round, state.tuples = state.round + 1, 0, None
+            state.round, state.step_in_round, state.tuples_done, state.tuples = state.round + 1, 0, 0, None
         return True
 
     def global_descriptors_of(self, image_ids: np.ndarray) -> np.ndarray:
@@ -420,16 +596,17 @@ class Trainer:
         )
 
     def _batches(self, tuples: Tuples):
-        """(images (B, T, 3, H, W) or None when the cache holds the backbone outputs, image ids (B, T)) of the
-        current round from state.step_in_round on."""
-        batch_size, start = self.args.train_batch_size, self.state.step_in_round * self.args.train_batch_size
+        """(images (b, T, 3, H, W) or None when the cache holds the backbone outputs, image ids (b, T)) of the
+        current round from its tuple state.tuples_done on: this rank's b tuples of each global batch."""
+        rows = rank_share(len(tuples.queries), self.args.train_batch_size, self.state.tuples_done)
         dataset = TupleDataset(
             self.splits.train,
-            tuples.queries[start:],
-            tuples.positives[start:],
-            tuples.negatives[start:],
+            tuples.queries[rows],
+            tuples.positives[rows],
+            tuples.negatives[rows],
             self.args.resize,
         )
+        batch_size = self.per_rank_batch
         if self.cache is not None:
             ids = torch.from_numpy(dataset.image_ids)
             return [(None, ids[i : i + batch_size]) for i in range(0, len(ids) - batch_size + 1, batch_size)]
@@ -454,6 +631,7 @@ class Trainer:
             loss, parts = self._step(images, image_ids)
             state.global_step += 1
             state.step_in_round += 1
+            state.tuples_done += args.train_batch_size  # the global batch, whatever this rank's share
             state.loss_sum += loss
             state.loss_count += 1
             bar.set_postfix(loss=f"{loss:.4f}", mean=f"{state.loss_sum / state.loss_count:.4f}")
@@ -467,33 +645,53 @@ class Trainer:
         return True
 
     def _step(self, images: torch.Tensor | None, image_ids: torch.Tensor) -> tuple[float, dict[str, float]]:
-        """One optimiser step on a batch of tuples; returns (loss, its parts)."""
+        """One optimiser step on a batch of tuples (this rank's share); returns (loss, its parts) of the whole global
+        batch (the mean over ranks)."""
         args = self.args
+        if images is not None:
+            images = images.to(self.device, non_blocking=True)
         with util.autocast(self.device, args.precision):
-            if self.cache is None:
-                loss, parts = tuple_loss(
-                    self.model, images.to(self.device, non_blocking=True), args.train_stage, args.margin, self.grid
-                )
-            else:
-                local = self.cache.local(self.model, image_ids.flatten(), self.device)  # (B*T, L, C)
-                loss = rerank_loss(self.model, local.reshape(*image_ids.shape, *local.shape[1:]), self.grid)
-                parts = {"rerank_ce": float(loss.detach())}
+            loss, parts = self.objective(images, image_ids)
+        if not torch.isfinite(loss.detach()):
+            raise self._diverged(f"the loss is {float(loss.detach())}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, args.grad_clip)
         self.optimizer.step()
-        return float(loss.detach()), parts
+        if distributed.world_size() == 1:
+            return float(loss.detach()), parts
+        means = distributed.mean_over_ranks([float(loss.detach()), *parts.values()])
+        return means[0], dict(zip(parts, means[1:]))
 
     def save_last(self) -> None:
-        save_training_checkpoint(
-            self.run.folder / "last.pth", self.model, self.optimizer, self.state, self.miner, self.args
+        """last.pth by rank 0 (every rank holds the same state), after checking that the weights are finite (a
+        diverged run never overwrites a good one)."""
+        self._check_finite_weights()
+        state = self.state
+        if distributed.is_main():
+            save_training_checkpoint(
+                self.run.folder / "last.pth", self.model, self.optimizer, state, self.miner, self.args, self.device
+            )
+        self.run.note("last.pth", f"epoch {state.epoch}, round {state.round}, step {state.global_step}")
+
+    def _check_finite_weights(self) -> None:
+        bad = [name for name, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise self._diverged(f"{len(bad)} weight tensors hold NaN or infinite values (e.g. {bad[0]})")
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        state, lr = self.state, self.optimizer.param_groups[0]["lr"]
+        return TrainingDivergedError(
+            f"training diverged at epoch {state.epoch}, step {state.global_step}: {what} (lr {lr:.3g}). Nothing was "
+            f"saved from these weights; lower --lr or set --grad_clip, and resume from the last good last.pth"
         )
 
     def _validate(self, epoch_start: float) -> bool:
         """Validate the epoch just trained, keep last.pth (and best.pth when it improved), draw the curves; returns
         True when patience ran out."""
         args, state = self.args, self.state
+        self._check_finite_weights()
         validation = evaluate(
             self.model, self.splits.val, self.settings, self.run.folder / "work", with_rerank=self.with_rerank
         )
@@ -535,9 +733,13 @@ class Trainer:
             )
         state.epoch, state.round, state.loss_sum, state.loss_count = state.epoch + 1, 0, 0.0, 0
         self.save_last()
+        if distributed.is_main():
+            if improved:
+                best = self.run.folder / "best.pth"
+                save_model(self.model, best, metrics=state.history[-1], args=util.plain_args(args))
+            self._save_curves()
         if improved:
-            save_model(self.model, self.run.folder / "best.pth", metrics=state.history[-1], args=util.plain_args(args))
-        self._save_curves()
+            self.run.note("best.pth", f"epoch {state.best_epoch}, val R@{args.recall_values[0]} {metric:.2f}")
         if state.not_improved >= args.patience:
             logger.info("early stopping: %d epochs without improvement", state.not_improved)
             return True
@@ -561,6 +763,15 @@ class Trainer:
         --max_steps, nor when no epoch finished)."""
         if stopped == "max_steps" or self.state.best_epoch < 0:
             return
+        distributed.barrier()  # rank 0 has written best.pth
+        if not (self.run.folder / "best.pth").is_file():
+            logger.warning(
+                "no best.pth of the best epoch (%d) in %s (see the warning at the resume): no final test",
+                self.state.best_epoch,
+                self.run.folder,
+            )
+            self.results["test"] = None
+            return
         best = open_checkpoint(self.run.folder / "best.pth")
         load_weights(self.model, best)
         test_started = time.perf_counter()
@@ -581,7 +792,8 @@ class Trainer:
             self.device,
             time.perf_counter() - test_started,
         )
-        write_outputs(self.args, self.run.folder / "test", self.splits.test, after, test_results)
+        if distributed.is_main():
+            write_outputs(self.args, self.run.folder / "test", self.splits.test, after, test_results)
         logger.info(
             "test of the best model (epoch %d) on %s:\n%s",
             self.state.best_epoch,
@@ -592,7 +804,7 @@ class Trainer:
             logger.info(before_after_table(self.results, self.args.recall_values))
 
     def write_results(self, stopped: str) -> dict:
-        """results.json (docs/outputs.md) in the run folder; returns it."""
+        """results.json (docs/outputs.md) in the run folder (written by rank 0); returns it."""
         state, args = self.state, self.args
         key = f"val_{'reranked' if self.with_rerank else 'global'}_R@{args.recall_values[0]}"
         self.results.update(
@@ -604,19 +816,28 @@ class Trainer:
                 "history": state.history,
                 "checkpoints": {
                     "last": str(self.run.folder / "last.pth"),
-                    "best": str(self.run.folder / "best.pth") if state.best_epoch >= 0 else None,
+                    "best": str(self.run.folder / "best.pth") if (self.run.folder / "best.pth").is_file() else None,
                 },
             }
         )
         self.results.update(
             {
+                "throughput": {
+                    "world_size": distributed.world_size(),
+                    "global_batch": args.train_batch_size,
+                    "per_process_batch": self.per_rank_batch,
+                    "steps_per_second": round(
+                        (state.global_step - self.steps_at_start) / max(self.train_seconds, 1e-9), 4
+                    ),
+                },
                 "seconds": round(self.run.seconds(), 1),
                 "model": self.model.config.to_dict(),
                 "configuration": util.plain_args(args),
             }
         )
-        (self.run.folder / "results.json").write_text(json.dumps(self.results, indent=2))
-        logger.info("results: %s", self.run.folder / "results.json")
+        if distributed.is_main():
+            util.atomic_write_text(self.run.folder / "results.json", json.dumps(self.results, indent=2))
+            logger.info("results: %s", self.run.folder / "results.json")
         return self.results
 
 
@@ -633,6 +854,34 @@ def test_margins(hits_before: dict[str, np.ndarray], hits_after: dict[str, np.nd
         points, low, high = paired_bootstrap(hits_a, hits_b)
         margins[name] = {"points": round(points, 2), "ci95": [round(low, 2), round(high, 2)]}
     return margins
+
+
+def per_process_batch(train_batch_size: int) -> int:
+    """The tuples each rank takes of every global batch of ``train_batch_size`` (checked to divide evenly), logged
+    with the global batch."""
+    world = distributed.world_size()
+    if train_batch_size % world:
+        raise distributed.DistributedError(
+            f"--train_batch_size {train_batch_size} is the global batch (tuples per optimiser step) and must be a "
+            f"multiple of the {world} processes, which share each batch evenly"
+        )
+    logger.info(
+        "batch: %d tuples per optimiser step (global) = %d process(es) x %d tuples per process",
+        train_batch_size,
+        world,
+        train_batch_size // world,
+    )
+    return train_batch_size // world
+
+
+def rank_share(num_tuples: int, batch_size: int, first_tuple: int) -> np.ndarray:
+    """Row numbers (n,) of this rank's tuples of a round of ``num_tuples``: of each whole global batch of
+    ``batch_size`` tuples from tuple ``first_tuple`` on, the rank's contiguous batch_size / world rows (one process:
+    every row of those batches; a last, partial batch is dropped)."""
+    per_rank = batch_size // distributed.world_size()
+    steps = max(0, (num_tuples - first_tuple) // batch_size)
+    starts = first_tuple + np.arange(steps) * batch_size + distributed.rank() * per_rank  # (steps,)
+    return (starts[:, None] + np.arange(per_rank)).reshape(-1)  # (steps * per_rank,)
 
 
 def before_after_table(results: dict, recall_values: list[int]) -> str:

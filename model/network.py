@@ -9,7 +9,7 @@ from torch import nn
 
 from model.backbone import BACKBONES, build_backbone, patch_grid
 from model.local_features import NODE_PREFIX_DIM, build_nodes, default_num_kept_nodes
-from model.reranker import GraphReranker, match_probability, num_regions
+from model.reranker import PLAIN, GraphReranker, RerankKernel, match_probability, num_regions
 
 INPUT_NORMS = ("imagenet", "per_image")
 LOCAL_HEAD_INITS = ("reference", "xavier")
@@ -126,21 +126,37 @@ class PRGSNetwork(nn.Module):
             self.local_head(tokens), attention, grid, image_size, self.backbone.patch_size, self.config.num_kept_nodes
         )
 
-    def rerank_logits(
-        self, query_local: torch.Tensor, candidates_local: torch.Tensor, grid: tuple[int, int] | None = None
+    def stage0_nodes(
+        self, local: torch.Tensor, grid: tuple[int, int] | None = None, kernel: RerankKernel = PLAIN
     ) -> torch.Tensor:
-        """query_local (B, L, C), candidates_local (B, K, L, C) -> logits (B, K, 2)."""
+        """local (B, L, C) nodes of B images -> the reranker's stage-0 self-graph output (B, L, C), the input of a
+        ``precomputed_stage0`` kernel; computed once per image (feature extraction) instead of once per pair."""
+        return self.reranker.stage0_self_graph(local.unsqueeze(1), grid or self.config.grid, kernel.attention)[:, 0]
+
+    def rerank_logits(
+        self,
+        query_local: torch.Tensor,
+        candidates_local: torch.Tensor,
+        grid: tuple[int, int] | None = None,
+        kernel: RerankKernel = PLAIN,
+    ) -> torch.Tensor:
+        """query_local (B, L, C), candidates_local (B, K, L, C) -> logits (B, K, 2); stage-0 outputs (stage0_nodes)
+        instead of nodes when ``kernel.precomputed_stage0``."""
         if query_local.ndim != 3 or candidates_local.ndim != 4:
             raise ValueError(
                 f"expected query_local (B, L, C) and candidates_local (B, K, L, C), got "
                 f"{tuple(query_local.shape)} and {tuple(candidates_local.shape)}"
             )
         nodes = torch.cat([query_local.unsqueeze(1), candidates_local], dim=1)  # (B, 1+K, L, C)
-        return self.reranker(nodes, grid or self.config.grid)
+        return self.reranker(nodes, grid or self.config.grid, kernel)
 
     def rerank(
-        self, query_local: torch.Tensor, candidates_local: torch.Tensor, grid: tuple[int, int] | None = None
+        self,
+        query_local: torch.Tensor,
+        candidates_local: torch.Tensor,
+        grid: tuple[int, int] | None = None,
+        kernel: RerankKernel = PLAIN,
     ) -> torch.Tensor:
         """query_local (B, L, C), candidates_local (B, K, L, C) -> P(same place) (B, K); grid defaults to the
         model's (pass (h, w) for inputs of another shape, e.g. portrait)."""
-        return match_probability(self.rerank_logits(query_local, candidates_local, grid))
+        return match_probability(self.rerank_logits(query_local, candidates_local, grid, kernel))

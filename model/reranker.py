@@ -13,16 +13,66 @@ then a per-node MLP gives one R-d vector per image (R = region count), a graph o
 
 Attribute names (``fine2cor``, ``selfnode_graph_layers``, ...) follow the reference's state-dict keys so its
 checkpoints load unchanged; ``fine2cor`` holds the Patch-to-Region projections.
+
+Stage 0's Patch-to-Region step (identity + peg) and self graph see one image at a time and no query, so
+``stage0_self_graph`` can run once per image when features are extracted; ``forward`` then starts from its output
+(``RerankKernel.precomputed_stage0``). The kernels (``RERANK_KERNELS``) compute the same function with different
+rounding; docs/reranker_speed.md says what each trades.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.l2_attention import l2_graph_attention
+
 NUM_STAGES = 3  # identity, single-scale and multi-scale Patch-to-Region stages, as in the paper
 MIN_GRID_SIDE = 7  # smallest patch grid side whose 15x20-style stage-1 grid still fits the 4x4 region kernel
+
+
+@dataclass(frozen=True)
+class RerankKernel:
+    """How the reranker computes its (unchanged) function.
+
+    precomputed_stage0: the input is the output of ``stage0_self_graph`` (computed once per image) instead of the
+        raw nodes; the same mathematics.
+    attention: "cdist" (the reference's torch.cdist + softmax + matmul, float32) or a fused Triton kernel on CUDA
+        (model/l2_attention.py) whose dot products use "tf32" or "bf16" tensor cores ("ieee": float32 products).
+    channels_last: Patch-to-Region pooling over channels-last maps with one fused F.layer_norm, instead of the
+        reference's LayerNorm2d op sequence (which keeps float32 rounding identical to the reference).
+    """
+
+    name: str
+    precomputed_stage0: bool
+    attention: str
+    channels_last: bool
+
+    @property
+    def fused(self) -> bool:
+        return self.attention != "cdist"
+
+
+RERANK_KERNELS = {
+    kernel.name: kernel
+    for kernel in (
+        RerankKernel("plain", False, "cdist", False),  # today's path: reproduces the reference (golden tests)
+        RerankKernel("stage0", True, "cdist", False),  # the stage-0 self graph precomputed per image; CPU or CUDA
+        RerankKernel("fused_tf32", True, "tf32", True),  # + fused L2 attention on TF32 tensor cores (CUDA)
+        RerankKernel("fused_bf16", True, "bf16", True),  # + fused L2 attention on bf16 tensor cores (CUDA)
+    )
+}
+PLAIN = RERANK_KERNELS["plain"]
+
+
+def rerank_kernel(name: str) -> RerankKernel:
+    """The kernel called ``name``; ValueError naming the choices otherwise."""
+    if name not in RERANK_KERNELS:
+        raise ValueError(f"unknown reranker kernel {name!r}; choose one of {', '.join(RERANK_KERNELS)}")
+    return RERANK_KERNELS[name]
 
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -100,13 +150,18 @@ class PatchToRegion(nn.Module):
             self.proj1 = _region_pool(channels, 2, 2, 0)
             self.proj2 = _region_pool(channels, 4, 4, 0)
 
-    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    def forward(
+        self, x: torch.Tensor, grid: tuple[int, int], channels_last: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """x (B, N, L, C) on grid (h, w) -> (region nodes (B, N, L', C), grid of the first scale).
 
         Scales are concatenated along the node axis, each flattened row-major. The views below keep the memory
         layout of the reference, so the graph layers' matrix products round alike and the golden outputs match
-        (the distance graphs amplify float32 rounding differences to ~1e-4).
+        (the distance graphs amplify float32 rounding differences to ~1e-4). ``channels_last``: the same function
+        over channels-last maps (no transposes, one F.layer_norm per pooling), rounded differently.
         """
+        if channels_last:
+            return self._forward_channels_last(x, grid)
         batch, group, _, channels = x.shape
         maps = x.transpose(-1, -2).reshape(batch * group, channels, *grid)  # (B*N, C, h, w)
         if self.mode == "single":
@@ -118,6 +173,31 @@ class PatchToRegion(nn.Module):
         nodes = torch.cat([s.flatten(2) for s in scales], dim=-1) if len(scales) > 1 else scales[0].flatten(2)
         # (B*N, C, L') -> (B, N, C, L') -> (B, N, L', C)
         return nodes.reshape(batch, group, channels, -1).transpose(-1, -2), tuple(scales[0].shape[-2:])
+
+    def _forward_channels_last(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        batch, group, _, channels = x.shape
+        # (B, N, L, C) -> (B*N, h, w, C) -> a (B*N, C, h, w) view over channels-last memory: no copy
+        maps = x.reshape(batch * group, *grid, channels).permute(0, 3, 1, 2)
+        if self.mode == "single":
+            maps = _pool_channels_last(self.proj, maps)
+        scales = [maps]
+        if self.mode == "multi":
+            scales += [_pool_channels_last(self.proj1, maps), _pool_channels_last(self.proj2, maps)]
+        peg = self.peg.weight.reshape(1, channels, 1, 1)  # the depth-wise 1x1 convolution is a per-channel scale
+        scales = [s + s * peg for s in scales]
+        # (B*N, C, h_s, w_s) -> (B*N, h_s*w_s, C), concatenated over the scales -> (B, N, L', C)
+        nodes = torch.cat([s.permute(0, 2, 3, 1).reshape(batch * group, -1, channels) for s in scales], dim=1)
+        return nodes.reshape(batch, group, -1, channels), tuple(scales[0].shape[-2:])
+
+
+def _pool_channels_last(pool: nn.Sequential, maps: torch.Tensor) -> torch.Tensor:
+    """_region_pool's depth-wise conv -> LayerNorm2d -> GELU on (B, C, h, w) maps, the norm as one F.layer_norm over
+    the channels of a channels-last view."""
+    conv, norm, _ = pool
+    pooled = conv(maps).permute(0, 2, 3, 1)  # (B, h', w', C)
+    channels = pooled.shape[-1]
+    pooled = F.layer_norm(pooled, (channels,), norm.weight.reshape(channels), norm.bias.reshape(channels), norm.eps)
+    return F.gelu(pooled).permute(0, 3, 1, 2)  # (B, C, h', w')
 
 
 class GraphLayer(nn.Module):
@@ -144,9 +224,23 @@ class GraphLayer(nn.Module):
         self.alpha = nn.Parameter(torch.tensor([0.5]))
         self.lamda = nn.Parameter(torch.tensor([0.1]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention: str = "cdist") -> torch.Tensor:
+        """x (B, N, L, C) or (B, N, D) -> the same shape. ``attention``: "cdist" (the reference's) or a fused
+        kernel's precision (RerankKernel.attention; node graphs only, inference only)."""
         h = self.linear(x)  # (B, N, L, C) or (B, N, D)
         q = h[:, :1] if self.mode == "cross" else h  # cross: the query image's nodes, broadcast over N
+        if attention == "cdist" or self.mode == "image":
+            aggregated = self._cdist_attention(q, h)
+        elif torch.is_grad_enabled():
+            raise ValueError("the fused reranker kernels are for inference only (no backward); train with 'plain'")
+        else:
+            aggregated = l2_graph_attention(q, h, self.temperature, self.lamda, attention)
+        y = F.gelu(self.norm_layer(aggregated))
+        alpha = self.alpha.clamp(0.1, 0.9)
+        return (1 - alpha) * x + alpha * y
+
+    def _cdist_attention(self, q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """softmax(-cdist(q, h) / temperature + lamda I) @ h, exactly as the reference computes it."""
         # torch.cdist's default mode, exactly as the reference (other formulas differ by up to ~3e-4)
         distances = torch.cdist(q, h, p=2)  # (B, N, L, L) or (B, N, N)
         if torch.is_grad_enabled():
@@ -155,9 +249,7 @@ class GraphLayer(nn.Module):
         else:  # inference: the same values (bit for bit) without two more (.., L, L) temporaries
             logits = distances.div_(-self.temperature)
             logits.diagonal(dim1=-2, dim2=-1).add_(self.lamda)
-        y = F.gelu(self.norm_layer(logits.softmax(dim=-1) @ h))
-        alpha = self.alpha.clamp(0.1, 0.9)
-        return (1 - alpha) * x + alpha * y
+        return logits.softmax(dim=-1) @ h
 
 
 class GraphReranker(nn.Module):
@@ -233,15 +325,25 @@ class GraphReranker(nn.Module):
                 f"are tied to the region count. Evaluate at the resolution the model was trained for."
             )
 
-    def forward(self, nodes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """nodes (B, 1+K, L, C), query first, L = h*w in grid order -> logits (B, K, 2)."""
+    def stage0_self_graph(self, nodes: torch.Tensor, grid: tuple[int, int], attention: str = "cdist") -> torch.Tensor:
+        """nodes (B, N, L, C) -> stage 0's Patch-to-Region step (identity + peg) and self graph, (B, N, L, C).
+
+        Each image's output depends on that image alone. Its zeroed (masked) rows come out equal (up to rounding):
+        they are the same point, so one row stands for all of them (feature_store keeps one)."""
+        x, _ = self.fine2cor[0](nodes, grid)
+        return self.selfnode_graph_layers[0](x, attention)
+
+    def forward(self, nodes: torch.Tensor, grid: tuple[int, int], kernel: RerankKernel = PLAIN) -> torch.Tensor:
+        """nodes (B, 1+K, L, C), query first, L = h*w in grid order -> logits (B, K, 2). With
+        ``kernel.precomputed_stage0`` the rows are ``stage0_self_graph``'s output instead of the raw nodes."""
         self.check_input(nodes, grid)
-        x = nodes
+        x = nodes if kernel.precomputed_stage0 else self.stage0_self_graph(nodes, grid)
+        x = self.crossnode_graph_layers[0](x, kernel.attention)
         for project, self_graph, cross_graph in zip(
-            self.fine2cor, self.selfnode_graph_layers, self.crossnode_graph_layers
+            self.fine2cor[1:], self.selfnode_graph_layers[1:], self.crossnode_graph_layers[1:]
         ):
-            x, grid = project(x, grid)  # (B, N, L', C); the next stage pools the finest scale's grid
-            x = cross_graph(self_graph(x))
+            x, grid = project(x, grid, kernel.channels_last)  # (B, N, L', C); the next stage pools the finest grid
+            x = cross_graph(self_graph(x, kernel.attention), kernel.attention)
         region_scores = self.dim_reduce(x).squeeze(-1)  # (B, N, R)
         for image_graph in self.image_graph_layers:
             region_scores = image_graph(region_scores)  # (B, N, R)

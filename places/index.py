@@ -1,6 +1,6 @@
 """The place index: one split of a dataset as database images then queries in one index space
-[database 0..Nd-1, queries Nd..Nd+Nq-1], with ground-truth positives by radius. The leaf of the dataset code:
-every reader (VG folders, MSLS, the toy world) builds one."""
+[database 0..Nd-1, queries Nd..Nd+Nq-1], with ground-truth positives by radius, and the UTM coordinates of VG-format
+file names. The leaf of the dataset code: every reader (VG folders, MSLS, the toy world, plain folders) builds one."""
 
 from __future__ import annotations
 
@@ -113,6 +113,37 @@ class PlaceIndex:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Coordinates in VG-format file names (VG folders and plain folders of photos read them)
+# ----------------------------------------------------------------------------------------------------------------
+
+VG_FILE_NAME_PATTERN = "@UTM_east@UTM_north@UTM_zone_number@UTM_zone_letter@lat@lon@...@.jpg"
+
+
+def utm_from_filename(path: str | Path) -> tuple[float, float]:
+    """(UTM east, UTM north) in metres from a VG-format file name '@east@north@...@.jpg'.
+
+    Only the base name is parsed, so an '@' in a parent folder does not matter.
+    """
+    name = Path(path).name
+    fields = name.split("@")
+    if len(fields) < 3:
+        raise DatasetError(
+            f"cannot read UTM coordinates from file name {path}: expected the pattern "
+            f"'{VG_FILE_NAME_PATTERN}', found {len(fields) - 1} '@' in '{name}'"
+        )
+    try:
+        east, north = float(fields[1]), float(fields[2])
+    except ValueError:
+        raise DatasetError(
+            f"cannot read UTM coordinates from file name {path}: expected numbers in the first two "
+            f"fields of '{VG_FILE_NAME_PATTERN}', found '{fields[1]}' and '{fields[2]}'"
+        ) from None
+    if not (np.isfinite(east) and np.isfinite(north)):
+        raise DatasetError(f"UTM coordinates in file name {path} are not finite: east={east}, north={north}")
+    return east, north
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Positives
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -123,11 +154,17 @@ def positives_within_radius(
     radius_m: float,
     database_groups: Sequence[str] | None = None,
     queries_groups: Sequence[str] | None = None,
+    algorithm: str = "auto",
 ) -> list[np.ndarray]:
     """For each query, the database indices within radius_m metres (inclusive), sorted by distance then index.
 
     With groups (e.g. the MSLS city), a query is compared only with database images of its own group, since UTM
     coordinates of different cities or zones are not comparable. Returns one int64 array per query.
+
+    algorithm: sklearn NearestNeighbors' search. The boundary depends on it: 'auto' (a kd-tree in 2-D, what the VG
+    benchmark uses) computes exact distances, while 'brute' (what mapillary_sls uses) computes them from dot
+    products, which at UTM magnitudes moves a database image near the radius in or out by ~1e-4 m. Each dataset
+    uses its reference's choice, so its positives are the reference's.
     """
     database_utms = _checked_utms(database_utms, "database_utms")
     queries_utms = _checked_utms(queries_utms, "queries_utms")
@@ -150,7 +187,7 @@ def positives_within_radius(
         group_database = np.flatnonzero(database_group_of == group)
         if len(group_database) == 0:
             continue
-        knn = NearestNeighbors().fit(database_utms[group_database])
+        knn = NearestNeighbors(algorithm=algorithm).fit(database_utms[group_database])
         distances, neighbours = knn.radius_neighbors(queries_utms[group_queries], radius=radius_m)
         for query, query_distances, query_neighbours in zip(group_queries, distances, neighbours):
             order = np.lexsort((query_neighbours, query_distances))

@@ -73,7 +73,7 @@ MSLS_LAYOUT = (
     "<datasets_folder>/msls/{train_val,test}/<city>/{query,database}/ holding images/<key>.jpg, "
     "seq_info.csv, subtask_index.csv, and for train_val also postprocessed.csv and raw.csv"
 )
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: positives by brute force, cities without queries left out (as mapillary_sls)
 CACHE_FOLDER_NAME = "prgs_index"
 
 
@@ -222,6 +222,8 @@ def _build_index(
     """PlaceIndex of the split from the CSV contents, with positives per city and the protocol's query filter."""
     logger.info("building the %s index from the CSV files under %s", name, msls_root)
     sides = {side: _read_sides(msls_root, split, cities, subtask, csv_contents, side) for side in MSLS_SIDES}
+    if split != "test":
+        sides = _without_empty_cities(sides, name)
     database_paths, database_keys, database_groups = _paths_keys_groups(sides["database"], "database")
     queries_paths, queries_keys, queries_groups = _paths_keys_groups(sides["query"], "query")
     common = dict(
@@ -245,12 +247,17 @@ def _build_index(
         if all(v is not None for v in values):
             queries_attributes[attribute] = np.concatenate(values)
     soft_positives = positives_within_radius(
-        database_utms, queries_utms, positive_dist_threshold, database_groups, queries_groups
+        database_utms, queries_utms, positive_dist_threshold, database_groups, queries_groups, algorithm="brute"
     )
     hard_positives = None
     if split == "train":
         hard_positives = positives_within_radius(
-            database_utms, queries_utms, train_positive_dist_threshold, database_groups, queries_groups
+            database_utms,
+            queries_utms,
+            train_positive_dist_threshold,
+            database_groups,
+            queries_groups,
+            algorithm="brute",
         )
     index = PlaceIndex(
         database_utms=database_utms,
@@ -280,6 +287,29 @@ def _read_sides(
         )
         for city in cities
     ]
+
+
+def _without_empty_cities(
+    sides: dict[str, list[tuple[str, SideImages]]], name: str
+) -> dict[str, list[tuple[str, SideImages]]]:
+    """The cities that keep at least one query and one database image after the filters (subtask, panoramas); as
+    in mapillary_sls, a city left without one side contributes neither (its database images are not distractors)."""
+    kept = [
+        city
+        for (city, queries), (_, database) in zip(sides["query"], sides["database"])
+        if len(queries.keys) and len(database.keys)
+    ]
+    for (city, queries), (_, database) in zip(sides["query"], sides["database"]):
+        if city not in kept:
+            logger.info(
+                "%s: city %s keeps %d queries and %d database images after the filters: left out entirely, as in "
+                "mapillary_sls",
+                name,
+                city,
+                len(queries.keys),
+                len(database.keys),
+            )
+    return {side: [(city, images) for city, images in sides[side] if city in kept] for side in MSLS_SIDES}
 
 
 def _paths_keys_groups(
@@ -621,8 +651,10 @@ def _checked_predictions(predictions: np.ndarray, positives: Sequence[np.ndarray
 def write_msls_submission(
     path: str | Path, queries_keys: Sequence[str], database_keys: Sequence[str], predictions: np.ndarray
 ) -> None:
-    """Write the challenge (Codalab) file atomically: one line per query, 'query_key pred_key_1 ... pred_key_K',
-    space separated, no header. predictions: (Nq, K) database indices, best first, distinct within a row."""
+    """Write the challenge's prediction file atomically (the format of mapillary_sls' evaluate.py, a .csv whose
+    lines are space separated): one line per query, 'query_key pred_key_1 ... pred_key_K', no header.
+    predictions: (Nq, K) database indices, best first, distinct within a row. zip_msls_submission packs it for
+    the upload."""
     predictions = np.asarray(predictions)
     if (
         predictions.ndim != 2
@@ -650,3 +682,17 @@ def write_msls_submission(
     logger.info(
         "wrote the MSLS submission file %s (%d queries, %d predictions each)", path, len(lines), predictions.shape[1]
     )
+
+
+def zip_msls_submission(csv_path: str | Path) -> Path:
+    """The challenge's upload: a .zip (beside csv_path, same stem) holding the one .csv, written atomically.
+    Returns its path."""
+    csv_path = Path(csv_path)
+    zip_path = csv_path.with_suffix(".zip")
+
+    def write(file) -> None:
+        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.write(csv_path, arcname=csv_path.name)
+
+    atomic_write(zip_path, write)
+    return zip_path

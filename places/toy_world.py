@@ -16,17 +16,19 @@ How the world is made:
   `database_spacing_m` metres in daylight. Queries are taken at random arc lengths (so the nearest database image
   is at most half a spacing away along the route), a little closer to or farther from the facade (zoom within
   about ±10 %), with a small vertical shift, a lighting (day / dusk / night: darker, tinted, lit windows), an
-  exposure change, sensor noise and sometimes a slight blur.
+  exposure change, sensor noise, sometimes a slight blur, and in half of them parked vehicles or pedestrians in front
+  of the ground floor (occluders the database images do not have).
 * Look-alikes: some runs of `lookalike_blocks` blocks get the *layout* of a run on another route of the same split
   (hundreds of metres away) while keeping their own *details*. Their images are globally similar but differ in
   every window, door and sign, which is what local matching can tell apart. The manifest lists each run and the
   pairs of database images that show the same layout from the same relative position.
 
-Measured 2026-11-26 on the 2-core development machine (one process, Pillow 13, other jobs running), with
+Measured 2026-11-27 on the 2-core development machine (one process, Pillow 13, quiet), with
 `python3 -m places.toy_world --force`:
 
-* default: train 768 database + 720 queries, val 122 + 60, test 142 + 72 (1884 images at 144x192), 9.3 MB, 6 s
-  (the training split is the largest: the reranker needs many places to learn matching that transfers);
+* default: train 768 database + 720 queries, val 165 + 210, test 192 + 300 (2355 images at 144x192), 11.8 MB, 7 s
+  (the training split has the most places: the reranker needs many to learn matching that transfers; the test split
+  has 300 queries, so one query is a third of a point of R@1);
 * small:   train 44 + 16, val 38 + 12, test 38 + 12 (160 images), 0.8 MB, under 1 s.
 
 Files are byte-identical for the same config on the same Pillow/libjpeg; another JPEG library may encode differently.
@@ -919,7 +921,7 @@ def is_complete_world(world_folder: Path, config: ToyWorldConfig) -> bool:
     """True if `world_folder` holds a world made by this generator version with `config`, with every image present."""
     manifest = read_manifest(world_folder)
     if manifest is None:
-        logger.info("No valid manifest in %s", world_folder)
+        logger.info("no finished toy world in %s (no valid manifest): making it", world_folder)
         return False
     if manifest.get("generator_version") != GENERATOR_VERSION or manifest.get("config") != config_as_json(config):
         logger.info("Toy world in %s was made by another generator version or config", world_folder)
@@ -1111,7 +1113,7 @@ def main() -> None:
         type=str,
         default="default",
         choices=sorted(PRESETS),
-        help="size of the world: 'default' (about 1900 images, 9 MB, 6 s) or 'small' (about 160 "
+        help="size of the world: 'default' (2355 images, 12 MB, 7 s) or 'small' (about 160 "
         "images, for tests) (default: default)",
     )
     parser.add_argument(

@@ -1,50 +1,27 @@
 """VG-benchmark folders (Pitts30k and others, as the VPR-datasets-downloader writes them):
-<datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg, UTM in the file names."""
+<datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg (also .jpeg, .png; listed by
+places.walk), UTM in the file names."""
 
 from __future__ import annotations
 
-import glob
-import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from places.index import (
+    VG_FILE_NAME_PATTERN,
     DatasetError,
     PlaceIndex,
     drop_queries_without_positives,
     positives_within_radius,
+    utm_from_filename,
     without_images,
 )
+from places.walk import IMAGE_EXTENSIONS, find_images
 
 VG_SPLITS = ("train", "val", "test")
-VG_FILE_NAME_PATTERN = "@UTM_east@UTM_north@UTM_zone_number@UTM_zone_letter@lat@lon@...@.jpg"
-VG_LAYOUT = "<datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg"
-
-
-def utm_from_filename(path: str | Path) -> tuple[float, float]:
-    """(UTM east, UTM north) in metres from a VG-format file name '@east@north@...@.jpg'.
-
-    Only the base name is parsed, so an '@' in a parent folder does not matter.
-    """
-    name = Path(path).name
-    fields = name.split("@")
-    if len(fields) < 3:
-        raise DatasetError(
-            f"cannot read UTM coordinates from file name {path}: expected the pattern "
-            f"'{VG_FILE_NAME_PATTERN}', found {len(fields) - 1} '@' in '{name}'"
-        )
-    try:
-        east, north = float(fields[1]), float(fields[2])
-    except ValueError:
-        raise DatasetError(
-            f"cannot read UTM coordinates from file name {path}: expected numbers in the first two "
-            f"fields of '{VG_FILE_NAME_PATTERN}', found '{fields[1]}' and '{fields[2]}'"
-        ) from None
-    if not (np.isfinite(east) and np.isfinite(north)):
-        raise DatasetError(f"UTM coordinates in file name {path} are not finite: east={east}, north={north}")
-    return east, north
+VG_LAYOUT = "<datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg (or .jpeg, .png)"
 
 
 def build_vg_split(
@@ -116,12 +93,14 @@ def _vg_split_folder(datasets_folder: Path, dataset_name: str, split: str) -> Pa
 
 
 def _sorted_jpgs(split_folder: Path, part: str) -> list[str]:
-    """Sorted posix paths, relative to split_folder, of <split_folder>/<part>/**/*.jpg; DatasetError when none."""
-    pattern = os.path.join(glob.escape(str(split_folder / part)), "**", "*.jpg")
-    found = sorted(glob.glob(pattern, recursive=True))
-    if not found:
+    """Sorted posix paths, relative to split_folder, of the images under <split_folder>/<part> (places.walk: .jpg,
+    .jpeg or .png, symlinked folders not followed, each image once; what was left out is logged by name);
+    DatasetError when there is none."""
+    listing = find_images(split_folder / part)
+    listing.warn_about_skipped(split_folder / part)
+    if not listing.images:
         raise DatasetError(
-            f"no .jpg images under {split_folder / part} (searched recursively); expected files "
-            f"named '{VG_FILE_NAME_PATTERN}'"
+            f"no .jpg images under {split_folder / part} (nor {' or '.join(IMAGE_EXTENSIONS[1:])}; searched "
+            f"recursively); expected files named '{VG_FILE_NAME_PATTERN}'"
         )
-    return [Path(p).relative_to(split_folder).as_posix() for p in found]
+    return [f"{part}/{path}" for path in listing.images]

@@ -1,9 +1,14 @@
 """Shared fixtures: the golden reference outputs in ../shared and a small, fast configuration."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # the fused reranker kernel's tests run in Triton's interpreter, which must be chosen before Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = REPO_ROOT.parent / "shared" / "reference" / "golden"

@@ -13,7 +13,7 @@ from model.backbone import (
 )
 from model.checkpoint import load_imagenet_weights
 from model.local_features import build_nodes, kept_node_mask, node_coordinates
-from model.network import ModelConfig, PRGSNetwork
+from model.network import ModelConfig, PRGSNetwork, standardize_images
 
 
 def _golden_small_network(golden_dir):
@@ -218,3 +218,36 @@ def test_imagenet_weights_of_another_architecture_are_refused(tmp_path):
     torch.save(timm.create_model("deit_small_distilled_patch16_224", pretrained=False).state_dict(), path)
     with pytest.raises(ValueError, match="mis-shaped"):
         load_imagenet_weights(build_backbone("deit_tiny", (64, 64), 256), path)
+
+
+def test_per_image_norm_removes_a_gain_and_offset_per_channel():
+    images = torch.rand(2, 3, 32, 48)
+    gain, offset = torch.tensor([0.4, 0.5, 0.9]).view(1, 3, 1, 1), torch.tensor([-0.3, 0.1, 0.2]).view(1, 3, 1, 1)
+    torch.testing.assert_close(
+        standardize_images(images * gain + offset), standardize_images(images), atol=1e-4, rtol=0
+    )
+    flat = standardize_images(images).flatten(2)  # (2, 3, H*W)
+    torch.testing.assert_close(flat.mean(-1), torch.zeros(2, 3), atol=1e-5, rtol=0)
+    # the network applies it only when configured to
+    config = ModelConfig(backbone="deit_micro", image_size=(112, 128), local_dim=16, input_norm="per_image")
+    torch.manual_seed(0)
+    network = PRGSNetwork(config).eval()
+    darker = torch.rand(1, 3, 112, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(network(darker * 0.5 - 0.2, True), network(darker, True), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="input_norm must be one of"):
+        ModelConfig(input_norm="per_batch")
+
+
+def test_local_head_init_sets_the_scale_of_fresh_local_descriptors():
+    """'reference' keeps the reference's N(0, 0.01); 'xavier' starts about 10x larger (docs/toy_world.md)."""
+    stds = {}
+    for init in ("reference", "xavier"):
+        torch.manual_seed(0)
+        config = ModelConfig(backbone="deit_micro", image_size=(112, 128), local_dim=16, local_head_init=init)
+        stds[init] = float(PRGSNetwork(config).local_head.weight.std())
+    token_dim = PRGSNetwork(ModelConfig(backbone="deit_micro", image_size=(112, 128), local_dim=16)).backbone.token_dim
+    assert stds["reference"] == pytest.approx(0.01, rel=0.1)
+    assert stds["xavier"] == pytest.approx((2.0 / (token_dim + 16)) ** 0.5, rel=0.1)
+    with pytest.raises(ValueError, match="local_head_init must be one of"):
+        ModelConfig(local_head_init="zeros")

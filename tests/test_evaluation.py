@@ -12,7 +12,7 @@ import test as test_script
 from datasets_ws import ImageDataset, load_split
 from feature_store import REFERENCE_BYTES_PER_IMAGE, LocalFeatureStore
 from model.network import ModelConfig
-from retrieval import exact_knn, fused_scores, recall_at_n
+from retrieval import exact_knn, fused_scores, paired_bootstrap, recall_at_n
 
 TOY_ARGS = ["--num_workers", "0", "--infer_batch_size", "16"]
 
@@ -92,6 +92,8 @@ def test_store_refuses_incomplete_writes_and_wrong_shapes(tmp_path):
 class _InMemoryNodes:
     """The store's interface over float32 nodes held in memory (no float16 rounding)."""
 
+    content = "nodes"
+
     def __init__(self, nodes: torch.Tensor):
         self.nodes = nodes
 
@@ -132,6 +134,34 @@ def test_reranked_order_from_the_store_equals_float32_in_memory(small_toy_world,
     assert (memory_scores.max(1) - memory_scores.min(1)).mean() > 0.05  # a trained reranker: scores that differ
 
 
+@pytest.mark.parametrize("store_dtype", ["float32", "float16"])
+def test_precomputed_stage0_gives_the_plain_order(small_toy_world, trained_toy_checkpoint, tmp_path, store_dtype):
+    """Kernel stage0 (the stage-0 self graph computed at extraction, stored) reranks the trained toy model's
+    candidates in the order of the plain path on float32 nodes in memory."""
+    from model.checkpoint import build_model
+
+    model, _ = build_model(ModelConfig(), resume=trained_toy_checkpoint)
+    index = load_split(small_toy_world, "toy_world", "test")
+    settings = evaluation.EvalSettings(
+        image_size=(144, 192), device=torch.device("cpu"), infer_batch_size=16, num_workers=0, rerank_top=10,
+        rerank_batch_size=4, rerank_kernel="stage0", store_dtype=store_dtype, store_tier="disk",
+    )  # fmt: skip
+    descriptors, store, timings = evaluation.extract_features(model.eval(), index, settings, tmp_path / "store")
+    assert store.content == "stage0" and timings["store_write_ms_per_image_database"] > 0
+    with torch.no_grad():
+        images = torch.stack([ImageDataset(index, (144, 192))[i][0] for i in range(len(index))])
+        _, nodes_in_memory = model(images)
+    distances, predictions = exact_knn(descriptors[: index.database_num], descriptors[index.database_num :], 10)
+    stage0, stage0_scores, _ = evaluation.rerank(model, store, predictions, distances, index.database_num, settings)
+    plain, plain_scores, _ = evaluation.rerank(
+        model, _InMemoryNodes(nodes_in_memory), predictions, distances, index.database_num,
+        evaluation._with(settings, rerank_kernel="plain"),
+    )  # fmt: skip
+    assert np.array_equal(stage0, plain)
+    # float32 rounding differs from the plain path's (~1e-4 at most here, the sqrt-noise of the distances)
+    np.testing.assert_allclose(stage0_scores, plain_scores, atol=1e-3)
+
+
 def test_test_py_end_to_end_on_the_toy_world(small_toy_world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     results = test_script.main(
@@ -162,7 +192,9 @@ def test_test_py_end_to_end_on_the_toy_world(small_toy_world, tmp_path, monkeypa
         "rerank_forward_ms_per_query",
     ):
         assert on_disk["timings"][key] > 0
-    assert on_disk["store"]["bytes_per_image"] == 90 * (1 + 32) * 2 + 90 * 2  # toy preset: local_dim 32
+    # the CPU default: stage-0 rows (90 kept + 1 shared, 3 + 32 channels, float16) held in RAM
+    assert on_disk["store"]["bytes_per_image"] == (90 + 1) * (3 + 32) * 2 + 90 * 2  # toy preset: local_dim 32
+    assert on_disk["store"]["tier"] == "host" and on_disk["configuration"]["rerank_kernel"] == "auto"
     assert (run_folder / "info.log").is_file() and (run_folder / "debug.log").is_file()
     assert not (run_folder / "local_features").exists()
     with open(run_folder / "predictions.csv") as file:
@@ -251,3 +283,19 @@ def test_scripts_print_dataset_errors_as_one_line(tmp_path):
     )
     assert completed.returncode == 2
     assert "error: datasets folder" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_paired_bootstrap_gives_the_difference_and_a_sensible_interval():
+    rng = np.random.default_rng(0)
+    same = rng.random(300) < 0.5
+    assert paired_bootstrap(same, same) == (0.0, 0.0, 0.0)
+    points, low, high = paired_bootstrap(np.ones(300, bool), np.zeros(300, bool))
+    assert (points, low, high) == (100.0, 100.0, 100.0)
+    # 60 queries gained, 15 lost of 300: +15 points; standard error sqrt(75) / 300 = 2.9 points -> CI about +-5.7
+    a, b = np.zeros(300, bool), np.zeros(300, bool)
+    a[:60], b[60:75] = True, True
+    points, low, high = paired_bootstrap(a, b)
+    assert points == pytest.approx(15.0) and low < points < high
+    assert 9.0 < low < 10.5 and 19.5 < high < 21.0
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap(a, b[:10])

@@ -79,6 +79,9 @@ def test_the_project_has_the_modules_the_design_names(import_graph):
         "places.msls",
         "places.vg",
         "places.toy_world",
+        "places.folders",
+        "api",
+        "hubconf",
     ):
         assert name in import_graph, name
 
@@ -108,11 +111,21 @@ def test_no_import_cycle(import_graph):
 def test_util_and_the_place_index_are_leaves(import_graph):
     assert import_graph["util"] == set()
     assert import_graph["places.index"] <= {"util"}
-    for reader in ("places.vg", "places.msls", "places.toy_world"):
-        assert not import_graph[reader] & {"places.vg", "places.msls", "places.toy_world", "datasets_ws"}, reader
+    readers = {"places.vg", "places.msls", "places.toy_world", "places.folders"}
+    for reader in readers:
+        assert not import_graph[reader] & (readers | {"datasets_ws"}), reader
     for module, imported in import_graph.items():
         if module.startswith("model"):
             assert all(i.startswith("model") or i == "util" for i in imported), (module, imported)
+
+
+def test_the_api_and_hub_stay_light(import_graph):
+    """torch.hub imports hubconf for list() and help(): it loads the API, which needs only the model, the image
+    preprocessing and util, not the evaluation, training or data pipelines."""
+    assert import_graph["hubconf"] == {"api"}
+    assert import_graph["api"] <= {"util", "places", "places.images"} | {
+        m for m in import_graph if m.startswith("model")
+    }
 
 
 def test_no_function_level_import_of_a_project_module():

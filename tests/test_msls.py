@@ -342,3 +342,78 @@ def test_submission_from_a_built_test_split(msls_folder, tmp_path):
 def test_official_city_lists():
     assert len(msls.MSLS_CITIES["train"]) == 22 and msls.MSLS_CITIES["val"] == ("cph", "sf")
     assert len(msls.MSLS_CITIES["test"]) == 6
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Protocol details of mapillary_sls: brute-force radius search, cities without queries, the challenge's zip
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _boundary_pair(query: np.ndarray) -> np.ndarray:
+    """A database position near 25 m from query (UTM magnitudes) that sklearn's brute-force radius search counts as
+    within 25 m and its kd-tree (exact distances) does not, found on this machine."""
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(0)
+    for _ in range(10_000):
+        angle, radius = rng.uniform(0, 2 * np.pi), 25 + rng.uniform(0, 3e-4)
+        candidate = query + radius * np.array([np.cos(angle), np.sin(angle)])
+        brute = NearestNeighbors(algorithm="brute").fit(candidate[None]).radius_neighbors(query[None], 25.0)[1][0]
+        tree = NearestNeighbors(algorithm="kd_tree").fit(candidate[None]).radius_neighbors(query[None], 25.0)[1][0]
+        if len(brute) == 1 and len(tree) == 0:
+            return candidate
+    pytest.skip("no database position where brute force and the kd-tree disagree on this machine")
+
+
+def test_positives_at_the_radius_are_mapillary_sls_brute_force_ones(msls_folder):
+    query = np.array([347000.123, 6176000.456])
+    database = _boundary_pair(query)
+    assert np.hypot(*(database - query)) > 25.0  # outside by exact arithmetic, inside by brute force
+    cph = msls_folder / "msls" / "train_val" / "cph"
+    rows = {"query": {"cq0": query}, "database": {"cdb0": database, "cdb1": query + 500}}
+    for side, moved in rows.items():
+        path = cph / side / "postprocessed.csv"
+        with open(path) as file:
+            table = list(csv.reader(file))
+        for row in table[1:]:
+            if row[1] in moved:
+                row[2], row[3] = repr(float(moved[row[1]][0])), repr(float(moved[row[1]][1]))
+        write_csv(path, table[0], table[1:])
+    index = build_msls_split(msls_folder, "val")
+    assert index.queries_keys[0] == "cq0"  # kept: brute force finds its positive, as mapillary_sls's MSLS does
+    assert keys_of(index, index.soft_positives_per_query)[0] == ["cdb0"]
+
+
+def test_a_city_without_queries_leaves_its_database_out(msls_folder, caplog):
+    raw = msls_folder / "msls" / "train_val" / "sf" / "query" / "raw.csv"
+    raw.write_text(raw.read_text().replace(",False", ",True"))  # every sf query is a panorama
+    with caplog.at_level(logging.INFO, logger="places.msls"):
+        index = build_msls_split(msls_folder, "val")
+    assert index.database_keys == ["cdb0", "cdb1"]  # sf's database is not kept as distractors
+    assert index.queries_keys == ["cq0"]
+    assert "city sf keeps 0 queries and 2 database images after the filters: left out entirely" in caplog.text
+
+
+def test_the_challenge_file_is_a_zip_holding_one_csv(tmp_path):
+    import types
+    import zipfile
+
+    from evaluation import Evaluation, write_outputs
+    from places.index import PlaceIndex
+
+    index = PlaceIndex("msls/test", tmp_path, ["d0.jpg", "d1.jpg"], ["q0.jpg"], None, None, None)
+    predictions = np.array([[1, 0]])
+    evaluation = Evaluation(
+        predictions, predictions.astype(np.float32), predictions[:, ::-1], predictions, 2, None, None, {}, 0
+    )
+    args = types.SimpleNamespace(dataset_name="msls", num_preds_to_save=0, save_only_wrong_preds=False)
+    results = {}
+    write_outputs(args, tmp_path / "run", index, evaluation, results)
+    assert results["msls_submission"] == {
+        "global": "msls_submission_global.zip",
+        "reranked": "msls_submission_reranked.zip",
+    }
+    for label, line in (("global", "q0 d1 d0\n"), ("reranked", "q0 d0 d1\n")):
+        with zipfile.ZipFile(tmp_path / "run" / f"msls_submission_{label}.zip") as archive:
+            assert archive.namelist() == [f"msls_submission_{label}.csv"]
+            assert archive.read(f"msls_submission_{label}.csv").decode() == line

@@ -252,18 +252,16 @@ def test_invalid_configs_are_refused_with_a_clear_message() -> None:
 
 
 def test_default_preset_sizes() -> None:
-    """A training split several times the others (the reranker needs many places), small val and test splits."""
+    """A training split several times the database of the others (the reranker needs many places), and val / test
+    splits with enough queries that one query moves R@1 by under half a point (test) and about half a point (val)."""
     counts = expected_counts(PRESETS["default"])
     assert 700 <= counts["train"]["database"] <= 800 and 650 <= counts["train"]["queries"] <= 750
-    assert 100 <= counts["val"]["database"] <= 150 and 50 <= counts["val"]["queries"] <= 80
-    assert 120 <= counts["test"]["database"] <= 180 and 60 <= counts["test"]["queries"] <= 100
+    assert 150 <= counts["val"]["database"] <= 200 and counts["val"]["queries"] >= 200
+    assert 150 <= counts["test"]["database"] <= 250 and counts["test"]["queries"] >= 300
 
 
 @pytest.mark.slow
-def test_default_preset_is_small_and_fast(tmp_path: Path) -> None:
-    start_time = time.perf_counter()
+def test_default_preset_is_small(tmp_path: Path) -> None:
     world_folder = make_toy_world(tmp_path, PRESETS["default"], progress=False)
-    seconds = time.perf_counter() - start_time
     size_bytes = sum(path.stat().st_size for path in world_folder.rglob("*") if path.is_file())
-    assert size_bytes < 10e6, f"default toy world takes {size_bytes / 1e6:.1f} MB, expected < 10 MB"
-    assert seconds < 20.0, f"default toy world took {seconds:.1f} s, expected about 5 s (< 10 s on an idle core)"
+    assert size_bytes < 15e6, f"default toy world takes {size_bytes / 1e6:.1f} MB, expected about 12 MB"
