@@ -135,6 +135,25 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_initialisation_args(group: argparse._ArgumentGroup) -> None:
+    """--input_norm and --local_head_init: where the toy preset departs from the reference (docs/toy_world.md)."""
+    group.add_argument(
+        "--input_norm",
+        choices=INPUT_NORMS,
+        default=None,
+        help="'imagenet': ImageNet mean/std only (the reference); 'per_image': also standardise each image's "
+        "channels, which removes exposure changes and colour casts. Preset: imagenet; per_image for the toy world",
+    )
+    group.add_argument(
+        "--local_head_init",
+        choices=LOCAL_HEAD_INITS,
+        default=None,
+        help="initialisation of a fresh local_head (ignored when --resume loads one): 'reference' N(0, 0.01), "
+        "'xavier' uniform like the reranker's layers, which starts the graph attention sharp on backbones with "
+        "small tokens (docs/toy_world.md). Preset: reference; xavier for the toy world",
+    )
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (unset flags come from --resume's checkpoint, else the dataset preset)")
     group.add_argument(
@@ -167,21 +186,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "1000 of 1200 at 480x640)",
     )
     group.add_argument("--temperature", type=_positive_float, default=None, help="graph softmax temperature (0.5)")
-    group.add_argument(
-        "--input_norm",
-        choices=INPUT_NORMS,
-        default=None,
-        help="'imagenet': ImageNet mean/std only (the reference); 'per_image': also standardise each image's "
-        "channels, which removes exposure changes and colour casts. Preset: imagenet; per_image for the toy world",
-    )
-    group.add_argument(
-        "--local_head_init",
-        choices=LOCAL_HEAD_INITS,
-        default=None,
-        help="initialisation of a fresh local_head (ignored when --resume loads one): 'reference' N(0, 0.01), "
-        "'xavier' uniform like the reranker's layers, which starts the graph attention sharp on backbones with "
-        "small tokens (docs/toy_world.md). Preset: reference; xavier for the toy world",
-    )
+    _add_initialisation_args(group)
     group.add_argument(
         "--resume",
         default=None,
@@ -697,22 +702,7 @@ def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, rer
     args.preset = "toy_world" if args.dataset_name in PRESETS else "reference"
     from_checkpoint = {}
     if checkpoint_config is not None:
-        from_checkpoint = dict(
-            backbone=checkpoint_config.backbone,
-            resize=tuple(checkpoint_config.image_size),
-            fc_output_dim=checkpoint_config.fc_output_dim,
-            local_dim=checkpoint_config.local_dim,
-            num_kept_nodes=checkpoint_config.num_kept_nodes,
-            temperature=checkpoint_config.temperature,
-            input_norm=checkpoint_config.input_norm,
-        )
-        for name, value in from_checkpoint.items():
-            given = getattr(args, name, None)
-            if name != "resize" and given is not None and given != value:
-                parser.error(
-                    f"--{name} {given} conflicts with the checkpoint {args.resume}, which was trained with "
-                    f"{name}={value}; leave the flag out to use the checkpoint's value"
-                )
+        from_checkpoint = _checkpoint_model_flags(args, parser, checkpoint_config)
     elif built_size is not None:
         from_checkpoint = dict(resize=built_size)
     defaults = dict(MODEL_DEFAULTS, **preset)
@@ -735,6 +725,30 @@ def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, rer
         parser.error(str(error))
     if hasattr(args, "recall_values"):
         args.recall_values = sorted(set(args.recall_values))
+
+
+def _checkpoint_model_flags(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint_config: ModelConfig
+) -> dict:
+    """The model flags a checkpoint's configuration fixes, by flag name; a given flag that contradicts one stops the
+    parser (--resize may differ: the input size is free as long as the region count fits)."""
+    from_checkpoint = dict(
+        backbone=checkpoint_config.backbone,
+        resize=tuple(checkpoint_config.image_size),
+        fc_output_dim=checkpoint_config.fc_output_dim,
+        local_dim=checkpoint_config.local_dim,
+        num_kept_nodes=checkpoint_config.num_kept_nodes,
+        temperature=checkpoint_config.temperature,
+        input_norm=checkpoint_config.input_norm,
+    )
+    for name, value in from_checkpoint.items():
+        given = getattr(args, name, None)
+        if name != "resize" and given is not None and given != value:
+            parser.error(
+                f"--{name} {given} conflicts with the checkpoint {args.resume}, which was trained with "
+                f"{name}={value}; leave the flag out to use the checkpoint's value"
+            )
+    return from_checkpoint
 
 
 def model_config_from_args(args: argparse.Namespace, image_size: tuple[int, int]) -> ModelConfig:
