@@ -1,5 +1,6 @@
 """VG-format datasets: layout, UTM parsing, positives, errors, unreadable images, ImageDataset."""
 
+import json
 import logging
 import pickle
 import re
@@ -257,11 +258,15 @@ def test_load_split_generates_the_toy_world_once(tmp_path, monkeypatch):
     def make_toy_world(datasets_folder):
         calls.append(Path(datasets_folder))
         world = make_vg_dataset(Path(datasets_folder), "toy_world", splits=("val",))
-        (world / "toy_world.json").write_text("{}")  # the manifest, written last
+        (world / "toy_world.json").write_text('{"generator_version": 7}')  # the manifest, written last
         return world
 
+    def read_manifest(world_folder):
+        path = Path(world_folder) / "toy_world.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
     fake_module = types.SimpleNamespace(
-        make_toy_world=make_toy_world, TOY_WORLD_NAME="toy_world", MANIFEST_NAME="toy_world.json"
+        make_toy_world=make_toy_world, read_manifest=read_manifest, TOY_WORLD_NAME="toy_world", GENERATOR_VERSION=7
     )
     monkeypatch.setattr(datasets_ws, "toy_world", fake_module)
     index = load_split(tmp_path / "data", "toy_world", "val")

@@ -140,8 +140,10 @@ def test_reranked_order_from_the_store_equals_float32_in_memory(
     assert (memory_scores.max(1) - memory_scores.min(1)).mean() > 0.05  # a trained reranker: scores that differ
 
 
-@pytest.mark.parametrize("store_dtype", ["float32", "float16"])
-def test_precomputed_stage0_gives_the_plain_order(small_toy_world, trained_toy_checkpoint, tmp_path, store_dtype):
+@pytest.mark.parametrize("store_dtype, score_atol", [("float32", 5e-3), ("float16", 2e-2)])
+def test_precomputed_stage0_gives_the_plain_order(
+    small_toy_world, trained_toy_checkpoint, tmp_path, store_dtype, score_atol
+):
     """Kernel stage0 (the stage-0 self graph computed at extraction, stored) reranks the trained toy model's
     candidates in the order of the plain path on float32 nodes in memory."""
     from model.checkpoint import build_model
@@ -164,8 +166,9 @@ def test_precomputed_stage0_gives_the_plain_order(small_toy_world, trained_toy_c
         evaluation._with(settings, rerank_kernel="plain"),
     )  # fmt: skip
     assert np.array_equal(stage0, plain)
-    # float32 rounding differs from the plain path's (~1e-4 at most here, the sqrt-noise of the distances)
-    np.testing.assert_allclose(stage0_scores, plain_scores, atol=1e-3)
+    # float32 rounding differs from the plain path's: distances between near-identical nodes are square roots of
+    # rounding noise, about sqrt(eps) x |node| (measured: 1.4e-3 with a float32 store, 5.3e-3 with float16)
+    np.testing.assert_allclose(stage0_scores, plain_scores, atol=score_atol)
 
 
 def test_test_py_end_to_end_on_the_toy_world(small_toy_world, tmp_path, monkeypatch):

@@ -479,11 +479,14 @@ def test_the_demo_reuses_the_global_model_only_when_that_stage_finished(tmp_path
     global_model.mkdir(parents=True)
 
     def demo_stage_one() -> str:
+        """The first command train_reranking.sh runs after making the world."""
         calls.unlink(missing_ok=True)
         subprocess.run(
             ["bash", str(tmp_path / "train_reranking.sh")], env={**os.environ, "PYTHON": str(stub)}, check=True
         )
-        return calls.read_text().splitlines()[0]
+        lines = calls.read_text().splitlines()
+        assert lines[0].startswith("-m places.toy_world --datasets_folder data --seed 0")
+        return lines[1]
 
     (global_model / "best.pth").write_bytes(b"from an interrupted first epoch")
     (global_model / "last.pth").write_bytes(b"the interrupted run's state")
@@ -493,6 +496,14 @@ def test_the_demo_reuses_the_global_model_only_when_that_stage_finished(tmp_path
     assert "--train_stage global" in demo_stage_one()
     (global_model / "results.json").write_text(json.dumps({"stopped": "early_stopping"}))
     assert "pre_compute_mining.py" in demo_stage_one()  # finished: reused
+    manifest = tmp_path / "data" / "toy_world" / "toy_world.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("{}")
+    later = (global_model / "results.json").stat().st_mtime + 10
+    os.utime(manifest, (later, later))  # a world made after the fit (e.g. by a newer generator): fit again
+    stage_one = demo_stage_one()
+    assert "--train_stage global" in stage_one and "--resume" not in stage_one
+    assert not (global_model / "last.pth").exists()
 
 
 def test_training_queries_come_in_random_order_seeded_and_resumable(interrupted_run):

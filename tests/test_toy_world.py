@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import datasets_ws
 from places.toy_world import (
+    GENERATOR_VERSION,
     MANIFEST_NAME,
     PRESETS,
     SPLITS,
     TOY_WORLD_NAME,
     SplitSpec,
+    config_as_json,
+    config_from_json,
     expected_counts,
     make_toy_world,
     read_manifest,
@@ -238,6 +242,24 @@ def test_another_config_triggers_a_rebuild(tiny_world: Path, tmp_path: Path) -> 
             assert len(paths) == expected_counts(smaller_images)[split][folder]
             with Image.open(paths[0]) as image:
                 assert image.size == (128, 96)
+
+
+def test_a_world_of_an_older_generator_version_is_made_again_with_its_own_config(
+    tiny_world: Path, tmp_path: Path
+) -> None:
+    """A script that needs the toy world remakes one from an older generator (what the demo then refits its global
+    model on), keeping that world's own config and seed rather than the default's."""
+    assert config_from_json(config_as_json(TINY)) == TINY
+    datasets_folder = tmp_path / "datasets"
+    shutil.copytree(tiny_world, datasets_folder / TOY_WORLD_NAME)
+    manifest_path = datasets_folder / TOY_WORLD_NAME / MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["generator_version"] = GENERATOR_VERSION - 1
+    manifest_path.write_text(json.dumps(manifest))
+    index = datasets_ws.load_split(datasets_folder, "toy_world", "val")
+    assert index.queries_num == expected_counts(TINY)["val"]["queries"]
+    rebuilt = read_manifest(datasets_folder / TOY_WORLD_NAME)
+    assert rebuilt["generator_version"] == GENERATOR_VERSION and rebuilt["config"] == config_as_json(TINY)
 
 
 def test_invalid_configs_are_refused_with_a_clear_message() -> None:
