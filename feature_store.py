@@ -209,7 +209,32 @@ def create_store(
     raise ValueError(f"store tier must be one of {TIERS}, got {tier!r}")
 
 
-class MemoryFeatureStore:
+class StoreReader:
+    """What every tier reads the same way, from its ``layout`` (StoreLayout) and its own ``read_compact``."""
+
+    layout: StoreLayout
+
+    @property
+    def content(self) -> str:
+        return self.layout.content
+
+    @property
+    def bytes_per_image(self) -> int:
+        return self.layout.bytes_per_image
+
+    def read_compact(self, image_indices) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def expand(self, values: torch.Tensor, positions: torch.Tensor, device: torch.device | str = "cpu"):
+        """Compact rows -> reranker input (n, L, 3 + local_dim) float32 on ``device`` (StoreLayout.expand)."""
+        return self.layout.expand(values, positions, device)
+
+    def read(self, image_indices, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Reranker input rows of ``image_indices``: (n, L, 3 + local_dim) float32 on ``device``."""
+        return self.expand(*self.read_compact(image_indices), device=device)
+
+
+class MemoryFeatureStore(StoreReader):
     """The device and host tiers: values (num_images, rows, channels) and positions (num_images, num_kept) held in
     tensors on ``device`` (pinned host memory when ``pinned``)."""
 
@@ -223,14 +248,6 @@ class MemoryFeatureStore:
         self.values = torch.empty(num_images, layout.rows, layout.channels, dtype=layout.dtype, **options)
         self.positions = torch.empty(num_images, layout.num_kept, dtype=index_dtype, **options)
         self._written = np.zeros(num_images, dtype=bool)
-
-    @property
-    def content(self) -> str:
-        return self.layout.content
-
-    @property
-    def bytes_per_image(self) -> int:
-        return self.layout.bytes_per_image
 
     def write(self, image_indices, nodes: torch.Tensor, stage0: torch.Tensor | None = None) -> None:
         """Rows of images ``image_indices`` from their nodes (B, L, 3 + local_dim) (and stage-0 output)."""
@@ -258,17 +275,11 @@ class MemoryFeatureStore:
         torch.index_select(self.positions, 0, indices, out=positions)
         return values, positions
 
-    def expand(self, values: torch.Tensor, positions: torch.Tensor, device: torch.device | str = "cpu"):
-        return self.layout.expand(values, positions, device)
-
-    def read(self, image_indices, device: torch.device | str = "cpu") -> torch.Tensor:
-        return self.expand(*self.read_compact(image_indices), device=device)
-
     def close(self) -> None:
         self.values = self.positions = None
 
 
-class LocalFeatureStore:
+class LocalFeatureStore(StoreReader):
     """The disk tier: write once (``create``, ``write`` rows in any order, ``close``), then ``open`` and ``read``
     many times. Files: store.json (written last), local_features.f16 (or .f32), local_index.u16."""
 
@@ -278,14 +289,6 @@ class LocalFeatureStore:
         self.folder = Path(folder)
         self.num_images, self.layout = num_images, layout
         self._files: dict[str, object] = {}
-
-    @property
-    def content(self) -> str:
-        return self.layout.content
-
-    @property
-    def bytes_per_image(self) -> int:
-        return self.layout.bytes_per_image
 
     @property
     def feature_file(self) -> str:
@@ -378,14 +381,6 @@ class LocalFeatureStore:
             _read_exactly(index_file, positions[row], int(image) * layout.index_row_bytes)
         return torch.from_numpy(features), torch.from_numpy(positions.astype(np.int64))
 
-    def expand(self, features: torch.Tensor, positions: torch.Tensor, device: torch.device | str = "cpu"):
-        """Compact rows -> reranker input (n, L, 3 + local_dim) float32 on ``device`` (StoreLayout.expand)."""
-        return self.layout.expand(features, positions, device)
-
-    def read(self, image_indices, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Reranker input rows of ``image_indices``: (n, L, 3 + local_dim) float32 on ``device``."""
-        return self.expand(*self.read_compact(image_indices), device=device)
-
     def _open(self, mode: str):
         if not self._files:
             self._files = {
@@ -395,7 +390,7 @@ class LocalFeatureStore:
         return self._files[self.feature_file], self._files["local_index.u16"]
 
 
-class ShardedStore:
+class ShardedStore(StoreReader):
     """The disk stores of several ranks (one LocalFeatureStore each, in <folder>/rank_<r>) read as one: the rows of
     an image come from the store of the rank that extracted it. ``holder`` (N,) is that rank and ``rows`` (N,) the
     row in its store, for every image of the split (evaluation.shard_layout). Reads like a LocalFeatureStore."""
@@ -410,14 +405,6 @@ class ShardedStore:
     def open(cls, folder: str | Path, holder: np.ndarray, rows: np.ndarray) -> ShardedStore:
         folder = Path(folder)
         return cls([LocalFeatureStore.open(folder / f"rank_{r}") for r in range(int(holder.max()) + 1)], holder, rows)
-
-    @property
-    def content(self) -> str:
-        return self.layout.content
-
-    @property
-    def bytes_per_image(self) -> int:
-        return self.layout.bytes_per_image
 
     def read_compact(self, image_indices) -> tuple[torch.Tensor, torch.Tensor]:
         """As LocalFeatureStore.read_compact, for indices of the split, in that order."""
@@ -434,12 +421,6 @@ class ShardedStore:
             values[torch.from_numpy(wanted)] = part_values
             positions[torch.from_numpy(wanted)] = part_positions
         return values, positions
-
-    def expand(self, values: torch.Tensor, positions: torch.Tensor, device: torch.device | str = "cpu"):
-        return self.layout.expand(values, positions, device)
-
-    def read(self, image_indices, device: torch.device | str = "cpu") -> torch.Tensor:
-        return self.expand(*self.read_compact(image_indices), device=device)
 
     def close(self) -> None:
         for store in self.stores:

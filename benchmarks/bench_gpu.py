@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,20 +26,28 @@ from model.network import ModelConfig, PRGSNetwork  # noqa: E402
 from model.reranker import GraphReranker  # noqa: E402
 
 
-def timed(function, repeats: int, warmup: int = 3) -> float:
-    """Median milliseconds of ``function()`` over ``repeats`` CUDA-event-timed calls."""
+def timed(function, repeats: int, warmup: int = 3) -> tuple[float, list[float]]:
+    """(median, all) milliseconds of ``function()`` over ``repeats`` CUDA-event-timed calls after ``warmup`` (host
+    clock without CUDA, for --smoke)."""
     for _ in range(warmup):
         function()
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
+        if not cuda:
+            start = time.perf_counter()
+            function()
+            times.append(1000 * (time.perf_counter() - start))
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         function()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(times), times
 
 
 def reranker_input(
@@ -65,7 +74,7 @@ def bench_reranker(reranker: GraphReranker, repeats: int) -> list[dict]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             try:
-                milliseconds = timed(run, repeats)
+                milliseconds, _ = timed(run, repeats)
             except torch.OutOfMemoryError:
                 rows.append({"queries_per_call": queries, "path": label, "error": "out of memory"})
                 continue
@@ -123,7 +132,7 @@ def bench_backbone(repeats: int) -> list[dict]:
             with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
                 return network(images)
 
-        milliseconds = timed(run, repeats, warmup=2)
+        milliseconds, _ = timed(run, repeats, warmup=2)
         rows.append({"path": label, "images_per_s": 64 / (milliseconds / 1000)})
         print(f"backbone {label}: {rows[-1]['images_per_s']:.0f} images/s", flush=True)
     for block in network.backbone.blocks:
@@ -139,7 +148,7 @@ def bench_backbone(repeats: int) -> list[dict]:
             return out
 
     for label, precision in (("reference-style fp32", "fp32"), ("reference-style bf16", "bf16")):
-        milliseconds = timed(lambda precision=precision: reference_style(precision), repeats, warmup=2)
+        milliseconds, _ = timed(lambda precision=precision: reference_style(precision), repeats, warmup=2)
         rows.append({"path": label, "images_per_s": 64 / (milliseconds / 1000)})
         print(f"backbone {label}: {rows[-1]['images_per_s']:.0f} images/s", flush=True)
     return rows

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_gpu import reranker_input  # noqa: E402
+from bench_gpu import reranker_input, timed  # noqa: E402
 
 from model import l2_attention  # noqa: E402
 from model.reranker import RERANK_KERNELS, GraphReranker, RerankKernel  # noqa: E402
@@ -64,30 +63,6 @@ VARIANTS = [
     ("fused_bf16+graphs", "fused_bf16", True, False),
 ]
 COMPILED = [("stage0_channels_last+compile", "stage0_channels_last", False, True)]
-
-
-def timed(function, repeats: int, warmup: int = 3) -> tuple[float, list[float]]:
-    """(median, all) milliseconds of ``function()`` over ``repeats`` CUDA-event-timed calls after ``warmup`` (host
-    clock without CUDA, for --smoke)."""
-    for _ in range(warmup):
-        function()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        if not cuda:
-            start = time.perf_counter()
-            function()
-            times.append(1000 * (time.perf_counter() - start))
-            continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), times
 
 
 def memory() -> tuple[int, int]:

@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from short_runs import SHORT_TRAINING
 
 import distributed
 import evaluation
@@ -201,8 +202,7 @@ def _train_flags(datasets, output, *extra):
         str(datasets),
         "--output_folder",
         str(output),
-        "--seed",
-        "3",
+        *SHORT_TRAINING,
         "--train_stage",
         "reranker",
         "--mining",
@@ -211,18 +211,6 @@ def _train_flags(datasets, output, *extra):
         "none",
         "--epochs_num",
         "1",
-        "--queries_per_epoch",
-        "16",
-        "--cache_refresh_rate",
-        "8",
-        "--train_batch_size",
-        "4",
-        "--negs_num_per_query",
-        "3",
-        "--neg_samples_num",
-        "20",
-        "--lr",
-        "1e-3",
         "--cache_frozen_backbone",
         *FAST,
         *extra,

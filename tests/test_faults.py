@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from short_runs import SHORT_TRAINING
 
 import evaluation
 import feature_store
@@ -32,20 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MINING_FAST = ["--num_workers", "0", "--infer_batch_size", "32"]
 FAST = [*MINING_FAST, "--recall_values", "1", "5"]
 TRAIN = [
-    "--seed",
-    "3",
-    "--queries_per_epoch",
-    "16",
-    "--cache_refresh_rate",
-    "8",
-    "--train_batch_size",
-    "4",
-    "--negs_num_per_query",
-    "3",
-    "--neg_samples_num",
-    "20",
-    "--lr",
-    "1e-3",
+    *SHORT_TRAINING,
     "--train_stage",
     "reranker",
     "--cache_frozen_backbone",

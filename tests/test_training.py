@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from short_runs import SHORT_TRAINING
 
 import pre_compute_mining
 import train_reranking
@@ -114,20 +115,7 @@ def _train(datasets, output, *extra):
             str(datasets),
             "--output_folder",
             str(output),
-            "--seed",
-            "3",
-            "--queries_per_epoch",
-            "16",
-            "--cache_refresh_rate",
-            "8",
-            "--train_batch_size",
-            "4",
-            "--negs_num_per_query",
-            "3",
-            "--neg_samples_num",
-            "20",
-            "--lr",
-            "1e-3",
+            *SHORT_TRAINING,
             *FAST,
             *extra,
         ]
