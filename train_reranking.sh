@@ -13,7 +13,7 @@
 # data/seed_N/ and logs/toy_world_demo/seed_N/. The trained model lands in <demo folder>/<time>/reranker/best.pth,
 # and <demo folder>/latest points at the latest run. benchmarks/demo_seeds.sh runs seeds 0 1 2 and summarises them.
 #
-# With arguments: the reference's MSLS recipe (SPEC 5) plus your flags, e.g.
+# With arguments: the reference's MSLS recipe (its train_reranking.sh) plus your flags, e.g.
 #   bash train_reranking.sh --datasets_folder /path/to/datasets --resume resume/msls_v2_deits.pth \
 #       --hard_negatives result/msls_hard_negatives.npz
 # (make the hard-negative file first: python3 pre_compute_mining.py --dataset_name msls --datasets_folder ... \

@@ -1,8 +1,8 @@
-"""CPU: the reranker and test.py before issue 10 (a copy of the code before it, --before_repo) and after (the CPU
-defaults: precomputed stage 0, store in RAM; and the plain kernel with the disk store). Runs alternate between the
-settings so that a changing machine load hits all alike; medians are reported with the load average.
+"""CPU: the reranker and test.py before the fast kernels (a copy of the code before them, --before_repo) and after
+(the CPU defaults: precomputed stage 0, store in RAM; and the plain kernel with the disk store). Runs alternate
+between the settings so that a changing machine load hits all alike; medians are reported with the load average.
 
-    git archive fdd87d6 | tar -x -C /tmp/prgs_before        # the code before issue 10
+    git archive fdd87d6 | tar -x -C /tmp/prgs_before        # the code before the fast kernels
     python benchmarks/bench_cpu_rerank.py --golden_dir ../shared/reference/golden --before_repo /tmp/prgs_before
 
 Part 1: the reranker at top-100 x 1200 nodes (131 channels, 200 zeroed rows, golden weights), one query per call:
@@ -56,7 +56,7 @@ def reranker_part(golden_dir: Path | None, repeats: int) -> dict:
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {  # name -> (which code, flags)
-    "before issue 10": ("before", []),
+    "before the fast kernels": ("before", []),
     "after, CPU defaults (stage0, store in RAM)": ("after", []),
     "after, plain kernel, disk store": ("after", ["--rerank_kernel", "plain", "--store_tier", "disk"]),
 }
@@ -95,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--golden_dir", type=Path, default=None, help="../shared/reference/golden (golden weights)")
     parser.add_argument("--datasets_folder", type=Path, default=Path("data"), help="where the toy world is")
-    parser.add_argument("--before_repo", type=Path, default=None, help="a copy of the code before issue 10")
+    parser.add_argument("--before_repo", type=Path, default=None, help="a copy of the code before the fast kernels")
     parser.add_argument("--out", type=Path, default=Path("cpu_rerank.json"), help="results")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repetitions of each setting")
     parser.add_argument("--parts", nargs="+", default=["reranker", "test_py"], choices=["reranker", "test_py"])

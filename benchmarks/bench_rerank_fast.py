@@ -1,6 +1,6 @@
-"""GPU benchmark of the reranker's kernels (issue 10), all in one process: speed and peak memory at top-100 x 1200
-nodes for 1, 4 and 8 queries per call, the per-image cost of the precomputed stage 0, accuracy against the float64
-golden and against the plain float32 path on random inputs.
+"""GPU benchmark of the reranker's kernels (`--rerank_kernel`), all in one process: speed and peak memory at
+top-100 x 1200 nodes for 1, 4 and 8 queries per call, the per-image cost of the precomputed stage 0, accuracy
+against the float64 golden and against the plain float32 path on random inputs.
 
     python benchmarks/bench_rerank_fast.py --golden_dir ../shared/reference/golden --out OUT/reranker.json
     TRITON_INTERPRET=1 python benchmarks/bench_rerank_fast.py --smoke --out /tmp/smoke.json   # CPU, tiny sizes

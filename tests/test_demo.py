@@ -41,9 +41,9 @@ def demo_in_small(datasets_folder: Path, seed: int) -> dict:
 
 @pytest.mark.slow
 def test_trained_reranker_beats_global_retrieval_on_validation(tmp_path):
-    """Val R@1 gains measured on the 2-core development machine: +31.7, +35.8, +22.5 points for seeds 0, 1, 2, and
-    +35.8 for seed 0 with the CPU kernels limited to AVX2 (docs/toy_world.md). The paired standard error on 120
-    queries is about 5 points, so the test asserts +10: a reranker that did not learn fails it."""
+    """Val R@1 gains measured on a 2-core Intel Xeon (AVX-512) machine: +31.7, +35.8, +22.5 points for seeds 0, 1,
+    2, and +35.8 for seed 0 with the CPU kernels limited to AVX2 (docs/toy_world.md). The paired standard error on
+    120 queries is about 5 points, so the test asserts +10: a reranker that did not learn fails it."""
     make_toy_world(tmp_path, DEMO_IN_SMALL, progress=False)
     validation = demo_in_small(tmp_path, seed=0)["history"][-1]["val"]
     global_r1, reranked_r1 = validation["global"]["R@1"], validation["reranked"]["R@1"]

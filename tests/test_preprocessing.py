@@ -1,5 +1,6 @@
 """The two test-time preprocessings: 'pil' (this project's, and the reference's training one) and 'reference' (the
-reference's test-time function, SPEC 1.3), which must equal the reference's transform bit for bit."""
+reference's test-time function, datasets_ws.py's BaseDataset.__getitem__), which must equal the reference's
+transform bit for bit."""
 
 import numpy as np
 import pytest
@@ -15,9 +16,10 @@ from places.index import PlaceIndex
 
 
 def reference_transform(path, size: tuple[int, int]) -> torch.Tensor:
-    """The reference's test-time transform as SPEC 1.3 describes it: PIL load -> RGB -> ToTensor -> Normalize ->
-    transforms.functional.resize of the tensor to [H, W], bilinear, not antialiased (torchvision 0.13's default for
-    tensors; later torchvision versions need antialias=False to do the same)."""
+    """The reference's test-time transform (datasets_ws.py, BaseDataset.__getitem__ with test_method='hard_resize'):
+    PIL load -> RGB -> ToTensor -> Normalize -> transforms.functional.resize of the tensor to [H, W], bilinear, not
+    antialiased (torchvision 0.13's default for tensors; later torchvision versions need antialias=False to do the
+    same)."""
     base = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     with Image.open(path) as image:
         tensor = base(image.convert("RGB"))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 10's GPU session (one H100 or H200, 16 CPU cores), about 5.5 minutes end to end, from the repository root:
-#   OUT=folder GOLDEN=path/to/golden bash benchmarks/gpu_issue10.sh
-# Needs: torch with CUDA, triton, torchvision, timm, faiss (pip install the carried faiss-cpu wheel first), and the
-# trained toy checkpoint .carry/toy_reranker.pth (carry .carry/). Every step runs under a deadline and a timeout;
+# The GPU session that measures the reranker kernels and a fast evaluation (one H100 or H200, 16 CPU cores), about 5.5 minutes end to end, from the repository root:
+#   OUT=folder GOLDEN=path/to/golden bash benchmarks/gpu_rerank_kernels.sh
+# Needs: torch with CUDA, triton, torchvision, timm, faiss (pip install a faiss-cpu wheel first), and the
+# trained toy checkpoint .device/toy_reranker.pth (copy the ignored .device/ folder along). Every step runs under a deadline and a timeout;
 # one that fails leaves its error in its log and the next step runs. Writes 8 files to OUT:
 #   env.txt            GPU, driver, versions
 #   synth.log          the MSLS-val-sized split: generation time (cached in $SYNTH between runs)
@@ -12,7 +12,7 @@
 # SMOKE=1 runs the same steps on a CPU at tiny sizes (checks the script; its figures mean nothing).
 set -uo pipefail
 OUT="${OUT:-gpu_out}"; GOLDEN="${GOLDEN:-../shared/reference/golden}"; PYTHON="${PYTHON:-python3}"
-CHECKPOINT="${CHECKPOINT:-.carry/toy_reranker.pth}"; SYNTH="${SYNTH:-/tmp/prgs_msls_synth}"; TOY="${TOY:-/tmp/prgs_data}"
+CHECKPOINT="${CHECKPOINT:-.device/toy_reranker.pth}"; SYNTH="${SYNTH:-/tmp/prgs_msls_synth}"; TOY="${TOY:-/tmp/prgs_data}"
 SMOKE="${SMOKE:-0}"; SCALE=1; SMOKE_FLAG=(); SYNTH_SIZE=(); DEVICE=cuda
 if [ "$SMOKE" = 1 ]; then
   SCALE=8; SMOKE_FLAG=(--smoke); SYNTH_SIZE=(--database_num 12 --queries_num 2); DEVICE=cpu; export TRITON_INTERPRET=1
