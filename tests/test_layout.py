@@ -82,6 +82,7 @@ def test_the_project_has_the_modules_the_design_names(import_graph):
         "places.folders",
         "api",
         "hubconf",
+        "report",
     ):
         assert name in import_graph, name
 
