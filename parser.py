@@ -1,53 +1,19 @@
-"""One argparse parser for every entry point (test.py, train_reranking.py, pre_compute_mining.py).
-
-Each entry point gets only the flags it uses. Model flags left unset are filled, in this order, from the checkpoint
-given with --resume (this project's checkpoints carry their configuration), then from the dataset's preset: the
-built-in toy world uses a small DeiT at a low resolution so it runs on a CPU; every other dataset uses the
-reference's settings (DeiT-S distilled, 480x640, 1000 of 1200 nodes kept, top-100 reranking).
-"""
+"""The flags of every entry point (test.py, train_reranking.py, pre_compute_mining.py), each getting those it uses,
+in argument groups by what they change (config.RESUME_FREE_GROUPS: those a resumed training run may change); config
+completes and checks the parsed namespace."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import math
-from pathlib import Path
 
+from config import auto_text, complete_mining_args, complete_test_args, complete_train_args, preset_text
 from evaluation import AUTO_IMAGE_DECODER, AUTO_RERANK_KERNEL
 from feature_store import DEVICE_MEMORY_SHARE, FEATURE_DTYPES, HOST_MEMORY_SHARE, TIERS
-from model.backbone import BACKBONES, patch_grid
-from model.checkpoint import CheckpointError, open_checkpoint
-from model.network import INPUT_NORMS, LOCAL_HEAD_INITS, ModelConfig
-from model.reranker import RERANK_KERNELS, num_regions
-from places.folders import FOLDERS_NAME
+from model.backbone import BACKBONES
+from model.network import INPUT_NORMS, LOCAL_HEAD_INITS
+from model.reranker import RERANK_KERNELS
 from places.images import IMAGE_DECODERS
-
-logger = logging.getLogger(__name__)
-
-# The model flags' defaults are ModelConfig's (the reference's settings); a preset changes some of them per dataset.
-REFERENCE_PRESET = dict(rerank_top=100, infer_batch_size=32, rerank_batch_size=2)
-TOY_WORLD_PRESET = dict(
-    backbone="deit_micro",
-    resize=(144, 192),
-    local_dim=32,
-    input_norm="per_image",
-    local_head_init="xavier",
-    rerank_top=20,
-    infer_batch_size=32,
-    rerank_batch_size=8,
-)
-PRESETS = {"toy_world": TOY_WORLD_PRESET}
-_DEFAULT_CONFIG = ModelConfig()
-MODEL_DEFAULTS = dict(
-    backbone=_DEFAULT_CONFIG.backbone,
-    resize=_DEFAULT_CONFIG.image_size,
-    fc_output_dim=_DEFAULT_CONFIG.fc_output_dim,
-    local_dim=_DEFAULT_CONFIG.local_dim,
-    num_kept_nodes=None,
-    temperature=_DEFAULT_CONFIG.temperature,
-    input_norm=_DEFAULT_CONFIG.input_norm,
-    local_head_init=_DEFAULT_CONFIG.local_head_init,
-)  # None: 5/6 of the grid
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -61,43 +27,41 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def _checked_number(name: str, convert, accept, expected: str):
+    """An argparse type called ``name`` (argparse's message for text that is no number): ``convert`` the text, and
+    refuse a value ``accept`` rejects, saying what was ``expected``."""
+
+    def parse(text: str):
+        value = convert(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return value
+_positive_int = _checked_number("_positive_int", int, lambda v: v > 0, "a positive integer")
+_non_negative_int = _checked_number("_non_negative_int", int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _checked_number("_positive_float", float, lambda v: 0 < v < math.inf, "a finite positive number")
+_fraction = _checked_number("_fraction", float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument(
+    location = parser.add_argument_group("data location")
+    location.add_argument(
         "--datasets_folder",
         default="data",
         help="folder holding the datasets: <datasets_folder>/<dataset_name>/images/{train,val,test}/"
         "{database,queries} for VG-format datasets, <datasets_folder>/msls for MSLS. The toy "
         "world is generated here on first use",
     )
+    location.add_argument(
+        "--msls_cache_dir",
+        default=None,
+        help="where the MSLS index cache is kept (default <datasets_folder>/msls/prgs_index)",
+    )
+    group = parser.add_argument_group("data")
     group.add_argument(
         "--dataset_name",
         default="toy_world",
@@ -128,11 +92,6 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         "pre_compute_mining.py run one of the reference's checkpoints, 'pil' otherwise (training tuples always "
         "use 'pil')",
     )
-    group.add_argument(
-        "--msls_cache_dir",
-        default=None,
-        help="where the MSLS index cache is kept (default <datasets_folder>/msls/prgs_index)",
-    )
 
 
 def _add_initialisation_args(group: argparse._ArgumentGroup) -> None:
@@ -142,7 +101,7 @@ def _add_initialisation_args(group: argparse._ArgumentGroup) -> None:
         choices=INPUT_NORMS,
         default=None,
         help="'imagenet': ImageNet mean/std only (the reference); 'per_image': also standardise each image's "
-        "channels, which removes exposure changes and colour casts. Preset: imagenet; per_image for the toy world",
+        f"channels, which removes exposure changes and colour casts. {preset_text('input_norm')}",
     )
     group.add_argument(
         "--local_head_init",
@@ -150,7 +109,7 @@ def _add_initialisation_args(group: argparse._ArgumentGroup) -> None:
         default=None,
         help="initialisation of a fresh local_head (ignored when --resume loads one): 'reference' N(0, 0.01), "
         "'xavier' uniform like the reranker's layers, which starts the graph attention sharp on backbones with "
-        "small tokens (docs/toy_world.md). Preset: reference; xavier for the toy world",
+        f"small tokens (docs/toy_world.md). {preset_text('local_head_init')}",
     )
 
 
@@ -160,8 +119,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--backbone",
         choices=BACKBONES,
         default=None,
-        help="global/local feature extractor: DeiT-distilled (timm) or a torchvision ResNet. "
-        "Preset: deit_small; deit_micro (4 blocks, 128-d) for the toy world",
+        help="global/local feature extractor: DeiT-distilled (timm; deit_micro has 4 blocks of 128-d) or a "
+        f"torchvision ResNet. {preset_text('backbone')}",
     )
     group.add_argument(
         "--resize",
@@ -169,14 +128,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         nargs=2,
         metavar=("H", "W"),
         default=None,
-        help="image size fed to the network, divisible by 16. Preset: 480 640; 144 192 for the toy world",
+        help=f"image size fed to the network, divisible by 16. {preset_text('resize')}",
     )
-    group.add_argument("--fc_output_dim", type=_positive_int, default=None, help="global descriptor size (256)")
+    group.add_argument(
+        "--fc_output_dim",
+        type=_positive_int,
+        default=None,
+        help=f"global descriptor size. {preset_text('fc_output_dim')}",
+    )
     group.add_argument(
         "--local_dim",
         type=_positive_int,
         default=None,
-        help="local descriptor size; nodes have 3 + local_dim channels (128; 32 for the toy world)",
+        help=f"local descriptor size; nodes have 3 + local_dim channels. {preset_text('local_dim')}",
     )
     group.add_argument(
         "--num_kept_nodes",
@@ -185,8 +149,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="patch nodes kept per image, the rest (least attended) are zeroed (5/6 of the grid: "
         "1000 of 1200 at 480x640)",
     )
-    group.add_argument("--temperature", type=_positive_float, default=None, help="graph softmax temperature (0.5)")
+    group.add_argument(
+        "--temperature",
+        type=_positive_float,
+        default=None,
+        help=f"graph softmax temperature. {preset_text('temperature')}",
+    )
     _add_initialisation_args(group)
+    _add_weights_args(parser)
+
+
+def _add_weights_args(parser: argparse.ArgumentParser) -> None:
+    """Where the network's weights come from: --resume, --non_strict_resume, --backbone_weights."""
+    group = parser.add_argument_group("starting weights")
     group.add_argument(
         "--resume",
         default=None,
@@ -210,6 +185,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
+    """Three groups: how the run executes (runtime), what changes its numbers (computation), where it writes."""
     group = parser.add_argument_group("runtime")
     group.add_argument(
         "--device",
@@ -217,6 +193,15 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
         default="auto",
         help="where the network runs; auto picks cuda when available",
     )
+    group.add_argument("--num_workers", type=_non_negative_int, default=2, help="DataLoader worker processes")
+    group.add_argument(
+        "--dist_timeout",
+        type=_positive_float,
+        default=30.0,
+        help="launched by torchrun with several processes: minutes a process waits for the others at a "
+        "synchronisation point before the run stops with an error (docs/distributed.md)",
+    )
+    group = parser.add_argument_group("computation")
     group.add_argument(
         "--precision",
         choices=("fp32", "bf16"),
@@ -228,9 +213,10 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
         "--infer_batch_size",
         type=_positive_int,
         default=None,
-        help="images per batch for feature extraction (preset 32)",
+        help=f"images per batch for feature extraction. {preset_text('infer_batch_size')}",
     )
-    group.add_argument("--num_workers", type=_non_negative_int, default=2, help="DataLoader worker processes")
+    group.add_argument("--seed", type=int, default=42, help="seed for python, numpy and torch")
+    group = parser.add_argument_group("outputs")
     group.add_argument("--save_dir", default=save_dir, help="outputs go to logs/<save_dir>/<YYYY-mm-dd_HH-MM-SS>/")
     group.add_argument(
         "--output_folder",
@@ -238,7 +224,6 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
         help="write the outputs to this exact folder instead of logs/<save_dir>/<timestamp>/ "
         "(handy in scripts that chain runs)",
     )
-    group.add_argument("--seed", type=int, default=42, help="seed for python, numpy and torch")
     group.add_argument(
         "--overwrite",
         action="store_true",
@@ -246,24 +231,12 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
         "pre_compute_mining.py); without it such a run is refused. Resuming a training run from the last.pth "
         "in its own folder needs no --overwrite",
     )
-    group.add_argument(
-        "--dist_timeout",
-        type=_positive_float,
-        default=30.0,
-        help="launched by torchrun with several processes: minutes a process waits for the others at a "
-        "synchronisation point before the run stops with an error (docs/distributed.md)",
-    )
 
 
-def _auto_text(auto: dict[str, str]) -> str:
-    """{"cpu": "a", "cuda": "b"} -> "a on the CPU, b on CUDA" (or "a" when both agree)."""
-    if len(set(auto.values())) == 1:
-        return next(iter(auto.values()))
-    return f"{auto['cpu']} on the CPU, {auto['cuda']} on CUDA"
-
-
-def add_speed_args(group) -> None:
-    """How evaluation computes (the same function, faster): reranker kernel, CUDA graphs, store, image decoding."""
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    """How evaluation computes (the same function, faster): reranker kernel, store precision and image decoding, which
+    may change the rounding; CUDA graphs and the store's place, which give the same results."""
+    group = parser.add_argument_group("speed (may change rounding)")
     group.add_argument(
         "--rerank_kernel",
         choices=("auto", *RERANK_KERNELS),
@@ -271,8 +244,24 @@ def add_speed_args(group) -> None:
         help="how the reranker computes (docs/reranker_speed.md): 'plain' reproduces the reference; 'stage0' runs "
         "each image's stage-0 self graph once, at extraction, instead of once per (query, candidate) pair (same "
         "function); 'fused_tf32' / 'fused_bf16' add a fused Triton distance attention on TF32 / bf16 tensor cores "
-        f"(CUDA; other rounding). auto: {_auto_text(AUTO_RERANK_KERNEL)}. The fused kernels ignore --precision",
+        f"(CUDA; other rounding). auto: {auto_text(AUTO_RERANK_KERNEL)}. The fused kernels ignore --precision",
     )
+    group.add_argument(
+        "--store_dtype",
+        choices=tuple(FEATURE_DTYPES),
+        default="float16",
+        help="precision of the stored local features: float16 halves the store; float32 keeps the reranker's "
+        "input exact (float16 rounding can swap near-tied candidates)",
+    )
+    group.add_argument(
+        "--image_decoder",
+        choices=("auto", *IMAGE_DECODERS),
+        default="auto",
+        help="'pil': DataLoader workers decode and resize; 'torchvision': workers read the files and the device "
+        "decodes each batch (nvJPEG on CUDA; JPEGs only, others fall back to PIL). "
+        f"auto: {auto_text(AUTO_IMAGE_DECODER)}",
+    )
+    group = parser.add_argument_group("speed (same results)")
     group.add_argument(
         "--rerank_cuda_graphs",
         action="store_true",
@@ -288,39 +277,24 @@ def add_speed_args(group) -> None:
         f"{DEVICE_MEMORY_SHARE * 100:.0f}%% of the free GPU memory, else RAM when it takes at most "
         f"{HOST_MEMORY_SHARE * 100:.0f}%% of the available RAM, else disk",
     )
-    group.add_argument(
-        "--store_dtype",
-        choices=tuple(FEATURE_DTYPES),
-        default="float16",
-        help="precision of the stored local features: float16 halves the store; float32 keeps the reranker's "
-        "input exact (float16 rounding can swap near-tied candidates)",
-    )
-    group.add_argument(
-        "--image_decoder",
-        choices=("auto", *IMAGE_DECODERS),
-        default="auto",
-        help="'pil': DataLoader workers decode and resize; 'torchvision': workers read the files and the device "
-        "decodes each batch (nvJPEG on CUDA; JPEGs only, others fall back to PIL). "
-        f"auto: {_auto_text(AUTO_IMAGE_DECODER)}",
-    )
 
 
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
+def add_eval_args(parser: argparse.ArgumentParser, rerank_pictures: bool = False) -> None:
+    """The evaluation's flags; ``rerank_pictures``: also test.py's --rerank_pictures."""
     group = parser.add_argument_group("evaluation")
     group.add_argument(
         "--rerank_top",
         type=_positive_int,
         default=None,
-        help="candidates from global retrieval that the reranker re-sorts (preset 100; 20 for the toy "
-        "world); clamped to the database size with a warning",
+        help="candidates from global retrieval that the reranker re-sorts, clamped to the database size with a "
+        f"warning. {preset_text('rerank_top')}",
     )
     group.add_argument(
         "--rerank_batch_size",
         type=_positive_int,
         default=None,
-        help="queries per reranker call (preset 2; memory grows with it)",
+        help=f"queries per reranker call; memory grows with it. {preset_text('rerank_batch_size')}",
     )
-    add_speed_args(group)
     group.add_argument(
         "--rerank_fusion",
         type=_fraction,
@@ -335,7 +309,30 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         default=[1, 5, 10, 20, 100],
         help="N of the recall@N values to report",
     )
-    add_faiss_args(group)
+    # global retrieval beyond exact search (docs/distributed.md)
+    group.add_argument(
+        "--faiss_index",
+        default=None,
+        help="global retrieval with this faiss index-factory string instead of exact search, for databases of "
+        "millions of images, e.g. IVF4096,PQ32: trained on --faiss_train_size database descriptors, its "
+        "candidates are reranked, and results.json reports exact search's recall@N beside it "
+        "(default: exact search)",
+    )
+    group.add_argument(
+        "--faiss_nprobe", type=_positive_int, default=32, help="inverted lists searched per query (IVF indexes)"
+    )
+    group.add_argument(
+        "--faiss_train_size",
+        type=_positive_int,
+        default=100_000,
+        help="database descriptors, drawn at random, that train --faiss_index",
+    )
+    add_speed_args(parser)
+    _add_picture_args(parser, rerank_pictures)
+
+
+def _add_picture_args(parser: argparse.ArgumentParser, rerank_pictures: bool) -> None:
+    group = parser.add_argument_group("pictures")
     group.add_argument(
         "--num_preds_to_save",
         type=_non_negative_int,
@@ -355,27 +352,15 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="pictures (--num_preds_to_save, and test.py's --rerank_pictures) for this many queries, spread "
         "evenly over the split; 0: every query",
     )
-
-
-def add_faiss_args(group) -> None:
-    """Global retrieval beyond exact search (docs/distributed.md)."""
-    group.add_argument(
-        "--faiss_index",
-        default=None,
-        help="global retrieval with this faiss index-factory string instead of exact search, for databases of "
-        "millions of images, e.g. IVF4096,PQ32: trained on --faiss_train_size database descriptors, its "
-        "candidates are reranked, and results.json reports exact search's recall@N beside it "
-        "(default: exact search)",
-    )
-    group.add_argument(
-        "--faiss_nprobe", type=_positive_int, default=32, help="inverted lists searched per query (IVF indexes)"
-    )
-    group.add_argument(
-        "--faiss_train_size",
-        type=_positive_int,
-        default=100_000,
-        help="database descriptors, drawn at random, that train --faiss_index",
-    )
+    if rerank_pictures:
+        group.add_argument(
+            "--rerank_pictures",
+            type=_non_negative_int,
+            default=0,
+            help="if > 0, save a PNG per pictured query (see --num_queries_to_save) showing its reranked top N beside "
+            "the query: the region pairs the stage-1 cross graph matched, regions shaded by attention, and each "
+            "candidate's global and reranked rank (docs/outputs.md)",
+        )
 
 
 def add_folders_args(parser: argparse.ArgumentParser) -> None:
@@ -389,18 +374,6 @@ def add_folders_args(parser: argparse.ArgumentParser) -> None:
         "VG-format file names or EXIF GPS when every photo has one, else there are no recalls",
     )
     group.add_argument("--queries_folder", default=None, help="folder of query photos (needs --database_folder)")
-
-
-def add_rerank_picture_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("pictures of the reranking")
-    group.add_argument(
-        "--rerank_pictures",
-        type=_non_negative_int,
-        default=0,
-        help="if > 0, save a PNG per pictured query (see --num_queries_to_save) showing its reranked top N beside "
-        "the query: the region pairs the stage-1 cross graph matched, regions shaded by attention, and each "
-        "candidate's global and reranked rank (docs/outputs.md)",
-    )
 
 
 def test_parser() -> argparse.ArgumentParser:
@@ -424,8 +397,7 @@ def test_parser() -> argparse.ArgumentParser:
     add_folders_args(parser)
     add_model_args(parser)
     add_runtime_args(parser, save_dir="test")
-    add_eval_args(parser)
-    add_rerank_picture_args(parser)
+    add_eval_args(parser, rerank_pictures=True)
     return parser
 
 
@@ -452,14 +424,15 @@ def train_parser() -> argparse.ArgumentParser:
     )
     add_data_args(parser)
     add_train_split_args(parser)
-    parser.add_argument(
+    group = parser.add_argument_group("final test")
+    group.add_argument(
         "--test_split",
         choices=("val", "test"),
         default="test",
         help="split for the final test of the best model; its outputs (as test.py's) go to "
         "<output>/test/ (MSLS test has no ground truth: the challenge files, no recalls)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--test_before_training",
         action="store_true",
         help="also test the model before training, to report recalls before and after",
@@ -493,6 +466,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
         "keep them in RAM (L x C x 4 bytes per image), so each step runs only local_head and the "
         "reranker. For small datasets such as the toy world",
     )
+    group = parser.add_argument_group("checkpointing")
     group.add_argument(
         "--checkpoint_every_steps",
         type=_non_negative_int,
@@ -579,22 +553,9 @@ def add_optimiser_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """train_reranking.py's flags, completed and checked by config.complete_train_args."""
     parser = train_parser()
-    args = parser.parse_args(argv)
-    apply_presets(args, parser)
-    if args.queries_per_epoch % args.cache_refresh_rate:
-        parser.error(
-            f"--queries_per_epoch {args.queries_per_epoch} must be a multiple of --cache_refresh_rate "
-            f"{args.cache_refresh_rate}"
-        )
-    if args.cache_frozen_backbone and args.train_stage != "reranker":
-        parser.error("--cache_frozen_backbone needs --train_stage reranker (the only stage with a frozen backbone)")
-    if args.mining == "global" and not args.hard_negatives:
-        parser.error("--mining global needs --hard_negatives FILE (made by pre_compute_mining.py)")
-    if args.mining == "global" and args.neg_hardness < args.negs_num_per_query:
-        parser.error(f"--neg_hardness {args.neg_hardness} must be >= --negs_num_per_query {args.negs_num_per_query}")
-    resolve_preprocessing(args, evaluates_checkpoints=False)
-    return args
+    return complete_train_args(parser.parse_args(argv), parser)
 
 
 def mining_parser() -> argparse.ArgumentParser:
@@ -626,160 +587,12 @@ def mining_parser() -> argparse.ArgumentParser:
 
 
 def parse_mining_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """pre_compute_mining.py's flags, completed and checked by config.complete_mining_args."""
     parser = mining_parser()
-    args = parser.parse_args(argv)
-    apply_presets(args, parser, reranks=False)
-    resolve_preprocessing(args, evaluates_checkpoints=True)
-    args.output = args.output or f"result/{args.dataset_name}_hard_negatives.npz"
-    return args
+    return complete_mining_args(parser.parse_args(argv), parser)
 
 
 def parse_test_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """test.py's flags, completed and checked by config.complete_test_args."""
     parser = test_parser()
-    args = parser.parse_args(argv)
-    if (args.database_folder is None) != (args.queries_folder is None):
-        parser.error("--database_folder and --queries_folder go together: give both or neither")
-    if args.database_folder is not None:
-        if args.dataset_name not in (parser.get_default("dataset_name"), FOLDERS_NAME):
-            parser.error(f"--database_folder/--queries_folder replace --dataset_name (got {args.dataset_name})")
-        args.dataset_name = FOLDERS_NAME
-    apply_presets(args, parser)
-    resolve_preprocessing(args, evaluates_checkpoints=True)
-    if args.preprocessing == "reference" and args.image_decoder == "torchvision":
-        parser.error(
-            "--preprocessing reference resizes normalised pixels, which only the PIL workers compute: use "
-            "--image_decoder pil (or auto)"
-        )
-    return args
-
-
-REFERENCE_LAYOUTS = ("reference_full", "reference_global")
-
-
-def resolve_preprocessing(args: argparse.Namespace, evaluates_checkpoints: bool) -> None:
-    """--preprocessing auto -> 'reference' when the script evaluates (or mines with) one of the reference's
-    checkpoints, so that it computes the reference's test-time function; 'pil' otherwise (training writes this
-    project's checkpoints, which are trained and validated with 'pil')."""
-    if args.preprocessing != "auto":
-        return
-    layout = open_checkpoint(args.resume).layout if args.resume else None
-    args.preprocessing = "reference" if evaluates_checkpoints and layout in REFERENCE_LAYOUTS else "pil"
-    if args.preprocessing == "reference":
-        logger.info("--preprocessing auto: the reference's test-time preprocessing, for its checkpoint %s", args.resume)
-
-
-def resumes_into_output_folder(args: argparse.Namespace) -> bool:
-    """True when train_reranking.py resumes, exactly, a last.pth that lies in --output_folder: the run continues in
-    its own folder, which therefore may hold its earlier outputs."""
-    if not args.resume or not args.output_folder:
-        return False
-    if Path(args.resume).resolve().parent != Path(args.output_folder).resolve():
-        return False
-    state = open_checkpoint(args.resume).state
-    return "training_state" in state and (state.get("args") or {}).get("train_stage") == args.train_stage
-
-
-def apply_presets(args: argparse.Namespace, parser: argparse.ArgumentParser, reranks: bool = True) -> None:
-    """Fill unset model/runtime flags from the checkpoint's configuration, then the dataset preset, and validate.
-
-    Sets args.model_config: the network to build. Its image size is the checkpoint's (this project's files record
-    it; the reference's files were all made at 480x640), while --resize is the input size, which may differ
-    (positional embeddings are fitted) as long as the reranker gets the same region count (``reranks``).
-    """
-    checkpoint_config, built_size = None, None
-    if getattr(args, "resume", None):
-        if Path(args.resume).is_dir():
-            parser.error(f"--resume {args.resume} is a folder; expected a checkpoint file, e.g. {args.resume}/last.pth")
-        if not Path(args.resume).is_file():
-            parser.error(f"--resume {args.resume}: file not found")
-        try:
-            checkpoint = open_checkpoint(args.resume)
-        except CheckpointError as error:
-            parser.error(f"--resume {args.resume}: {error}")
-        checkpoint_config = checkpoint.model_config
-        built_size = tuple(checkpoint_config.image_size) if checkpoint_config else MODEL_DEFAULTS["resize"]
-    preset = dict(REFERENCE_PRESET, **PRESETS.get(args.dataset_name, {}))
-    args.preset = "toy_world" if args.dataset_name in PRESETS else "reference"
-    from_checkpoint = {}
-    if checkpoint_config is not None:
-        from_checkpoint = _checkpoint_model_flags(args, parser, checkpoint_config)
-    elif built_size is not None:
-        from_checkpoint = dict(resize=built_size)
-    defaults = dict(MODEL_DEFAULTS, **preset)
-    for name, value in defaults.items():
-        if hasattr(args, name) and getattr(args, name) is None:
-            setattr(args, name, from_checkpoint.get(name, value))
-    args.resize = tuple(args.resize)
-    try:
-        input_grid = patch_grid(args.resize)
-        args.model_config = model_config_from_args(args, built_size or args.resize)
-        if reranks and num_regions(input_grid) != num_regions(args.model_config.grid):
-            raise ValueError(
-                f"--resize {args.resize[0]} {args.resize[1]} gives a {input_grid[0]}x{input_grid[1]} grid with "
-                f"{num_regions(input_grid)} region nodes, but the model was built for "
-                f"{args.model_config.image_size[0]}x{args.model_config.image_size[1]} "
-                f"({num_regions(args.model_config.grid)} regions): its reranker cannot take it. Use the model's "
-                f"size, or one with the same region count (e.g. its portrait)"
-            )
-    except ValueError as error:
-        parser.error(str(error))
-    if hasattr(args, "recall_values"):
-        args.recall_values = sorted(set(args.recall_values))
-
-
-def _checkpoint_model_flags(
-    args: argparse.Namespace, parser: argparse.ArgumentParser, checkpoint_config: ModelConfig
-) -> dict:
-    """The model flags a checkpoint's configuration fixes, by flag name; a given flag that contradicts one stops the
-    parser (--resize may differ: the input size is free as long as the region count fits)."""
-    from_checkpoint = dict(
-        backbone=checkpoint_config.backbone,
-        resize=tuple(checkpoint_config.image_size),
-        fc_output_dim=checkpoint_config.fc_output_dim,
-        local_dim=checkpoint_config.local_dim,
-        num_kept_nodes=checkpoint_config.num_kept_nodes,
-        temperature=checkpoint_config.temperature,
-        input_norm=checkpoint_config.input_norm,
-    )
-    for name, value in from_checkpoint.items():
-        given = getattr(args, name, None)
-        if name != "resize" and given is not None and given != value:
-            parser.error(
-                f"--{name} {given} conflicts with the checkpoint {args.resume}, which was trained with "
-                f"{name}={value}; leave the flag out to use the checkpoint's value"
-            )
-    return from_checkpoint
-
-
-def model_config_from_args(args: argparse.Namespace, image_size: tuple[int, int]) -> ModelConfig:
-    """The ModelConfig the flags describe, built for ``image_size``."""
-    return ModelConfig(
-        backbone=args.backbone,
-        image_size=tuple(image_size),
-        fc_output_dim=args.fc_output_dim,
-        local_dim=args.local_dim,
-        num_kept_nodes=args.num_kept_nodes,
-        temperature=args.temperature,
-        input_norm=args.input_norm,
-        local_head_init=args.local_head_init,
-    )
-
-
-def split_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of datasets_ws.load_split that the data flags set."""
-    options = dict(
-        positive_dist_threshold=args.val_positive_dist_threshold,
-        skip_bad_images=args.skip_bad_images,
-        num_workers=args.num_workers,
-        msls_cache_dir=args.msls_cache_dir,
-    )
-    if hasattr(args, "train_positives_dist_threshold"):
-        options["train_positive_dist_threshold"] = args.train_positives_dist_threshold
-    if args.dataset_name == FOLDERS_NAME:
-        options.update(database_folder=args.database_folder, queries_folder=args.queries_folder, image_size=args.resize)
-    return options
-
-
-def model_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of model.checkpoint.build_model (besides args.model_config) that the flags set."""
-    return dict(resume=args.resume, backbone_weights=args.backbone_weights, strict=not args.non_strict_resume)
+    return complete_test_args(parser.parse_args(argv), parser)

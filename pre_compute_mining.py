@@ -15,6 +15,7 @@ import logging
 import numpy as np
 
 import distributed
+from config import model_options, split_options
 from datasets_ws import load_split
 from extraction import global_descriptors
 from mining import (
@@ -25,7 +26,7 @@ from mining import (
     save_hard_negatives,
 )
 from model.checkpoint import build_model
-from parser import model_options, parse_mining_args, split_options
+from parser import parse_mining_args
 
 logger = logging.getLogger(__name__)
 

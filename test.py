@@ -15,6 +15,7 @@ import logging
 
 import distributed
 import util
+from config import model_options, split_options
 from datasets_ws import load_split
 from evaluation import (
     build_results,
@@ -26,7 +27,7 @@ from evaluation import (
     write_outputs,
 )
 from model.checkpoint import build_model
-from parser import model_options, parse_test_args, split_options
+from parser import parse_test_args
 from places.folders import FOLDERS_NAME
 from retrieval import faiss_uses_gpu
 

@@ -11,9 +11,10 @@ also the backbone, 'global' the global descriptor alone. See training.py for the
 from __future__ import annotations
 
 import distributed
+from config import model_options, resumes_into_output_folder, split_options
 from datasets_ws import load_split
 from model.checkpoint import build_model
-from parser import model_options, parse_train_args, resumes_into_output_folder, split_options
+from parser import parse_train_args
 from training import Trainer, TrainingSplits
 
 

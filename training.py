@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import distributed
 import util
+from config import resume_free_flags
 from datasets_ws import TupleDataset
 from evaluation import build_results, eval_settings, evaluate, recalls_by_name, recalls_table, write_outputs
 from extraction import global_descriptors, image_batches
@@ -45,6 +46,7 @@ from mining import MiningError, TupleMiner, Tuples, file_sha1, load_hard_negativ
 from model.backbone import patch_grid
 from model.checkpoint import LoadedCheckpoint, load_weights, open_checkpoint, save_model
 from model.network import PRGSNetwork
+from parser import train_parser
 from places.index import DatasetError, PlaceIndex
 from retrieval import first_correct_rank, paired_bootstrap
 from visualize import save_training_curves
@@ -292,32 +294,8 @@ def restore_training(
 
 
 # Flags that do not change what training computes, or that the checkpoint itself sets (the model's): a resume may
-# give them freely.
-RESUME_FREE_FLAGS = frozenset(
-    (
-        "backbone",
-        "fc_output_dim",
-        "local_dim",
-        "num_kept_nodes",
-        "temperature",
-        "output_folder",
-        "save_dir",
-        "overwrite",
-        "resume",
-        "non_strict_resume",
-        "backbone_weights",
-        "datasets_folder",
-        "msls_cache_dir",
-        "max_steps",
-        "checkpoint_every_steps",
-        "num_workers",
-        "device",
-        "test_split",
-        "test_before_training",
-        "num_preds_to_save",
-        "save_only_wrong_preds",
-    )
-)
+# give them freely. The train parser's argument groups decide (config.RESUME_FREE_GROUPS).
+RESUME_FREE_FLAGS = resume_free_flags(train_parser())
 
 
 def resume_differences(checkpoint_state: dict, args, device: torch.device) -> list[str]:

@@ -1,11 +1,14 @@
 """Checkpoints: the reference's two released layouts load strictly; ours rebuild their model; writes are atomic."""
 
+import argparse
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import util
+from config import MODEL_FLAGS, checkpoint_model_flags, model_config_from_args, preset_text
 from model import checkpoint as checkpoints
 from model.network import ModelConfig, PRGSNetwork
 
@@ -183,3 +186,17 @@ def test_reference_checkpoints_are_built_at_480x640_and_run_at_resize(full_keys,
         "gives a 20x20 grid with 129 region nodes, but the model was built for 480x640 (385 regions)"
         in capsys.readouterr().err
     )
+
+
+def test_one_table_maps_model_flags_to_the_configuration_and_checks_them_against_a_checkpoint():
+    trained = ModelConfig(backbone="deit_micro", image_size=(144, 192), local_dim=32, input_norm="per_image")
+    args = argparse.Namespace(**dict.fromkeys(MODEL_FLAGS), resume="x.pth")
+    fixed = checkpoint_model_flags(args, trained)
+    assert set(fixed) == set(MODEL_FLAGS) - {"resize", "local_head_init"} and fixed["local_dim"] == 32
+    vars(args).update(fixed, resize=(144, 192), local_head_init="xavier")
+    assert model_config_from_args(args, (144, 192)) == dataclasses.replace(trained, local_head_init="xavier")
+    args.local_dim = 64
+    with pytest.raises(ValueError, match="--local_dim 64 conflicts with the checkpoint x.pth, .* local_dim=32"):
+        checkpoint_model_flags(args, trained)
+    assert preset_text("resize") == "Preset: 480 640; 144 192 for the toy world"
+    assert preset_text("fc_output_dim") == "Preset: 256"

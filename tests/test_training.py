@@ -10,6 +10,8 @@ from short_runs import SHORT_TRAINING
 import pre_compute_mining
 import train_reranking
 import training
+import util
+from config import RESUME_FREE_GROUPS, resume_free_flags
 from datasets_ws import load_split
 from mining import (
     MiningFileError,
@@ -19,6 +21,7 @@ from mining import (
     load_hard_negatives,
     save_hard_negatives,
 )
+from parser import parse_train_args, train_parser
 from places.index import PlaceIndex
 
 FAST = ["--num_workers", "0", "--infer_batch_size", "32", "--recall_values", "1", "5"]
@@ -302,3 +305,28 @@ def test_training_flag_validation(capsys):
         with pytest.raises(SystemExit):
             train_reranking.main(flags)
         assert message in capsys.readouterr().err
+
+
+def test_a_resume_that_changes_only_how_the_run_executes_is_the_same_run():
+    """Flags of the runtime, speed, output and picture groups may change on a resume without the run being reported
+    as another; a model or data flag that changes is still reported."""
+    saved = parse_train_args([])
+    state = {"args": util.plain_args(saved), "training_state": {"device": "cpu"}}
+    cpu = torch.device("cpu")
+    execution = ["--dist_timeout", "5", "--num_queries_to_save", "3", "--rerank_cuda_graphs", "--store_tier", "host"]
+    assert training.resume_differences(state, parse_train_args(execution), cpu) == []
+    for flags, expected in (
+        (["--resize", "160", "224"], "--resize 160 224 (the checkpoint's: 144 192)"),
+        (["--local_head_init", "reference"], "--local_head_init reference (the checkpoint's: xavier)"),
+        (["--val_positive_dist_threshold", "20"], "--val_positive_dist_threshold 20.0 (the checkpoint's: 25.0)"),
+        (["--skip_bad_images"], "--skip_bad_images True (the checkpoint's: False)"),
+    ):
+        assert training.resume_differences(state, parse_train_args([*flags, *execution]), cpu) == [expected]
+
+
+def test_the_resume_free_groups_are_groups_of_the_train_parser():
+    parser = train_parser()
+    assert set(RESUME_FREE_GROUPS) <= {group.title for group in parser._action_groups}
+    free = resume_free_flags(parser)
+    assert {"dist_timeout", "num_queries_to_save", "rerank_cuda_graphs", "store_tier", "backbone"} <= free
+    assert not free & {"resize", "dataset_name", "train_batch_size", "lr", "precision", "seed", "rerank_top"}
