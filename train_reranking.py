@@ -4,7 +4,8 @@
         --mining global --hard_negatives result/msls_hard_negatives.npz ...   (train_reranking.sh has the recipes)
 
 Stages (--train_stage): 'reranker' trains local_head + the reranker on a frozen backbone (the reference's), 'full'
-also the backbone, 'global' the global descriptor alone. See training.py for the loss and the checkpoints.
+also the backbone, 'global' the global descriptor alone. See losses.py for the loss, training_state.py for the
+checkpoints.
 `torchrun --nproc_per_node N train_reranking.py ...` trains with N processes (docs/distributed.md).
 """
 

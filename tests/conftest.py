@@ -45,6 +45,7 @@ def trained_toy_checkpoint(small_toy_world, tmp_path_factory) -> Path:
     per-epoch validation that would make it slow."""
     import numpy as np
 
+    import losses
     import training
     from datasets_ws import load_split
     from mining import TupleMiner
@@ -73,7 +74,7 @@ def trained_toy_checkpoint(small_toy_world, tmp_path_factory) -> Path:
             )
         )
         local = cache.local(model, ids.flatten(), torch.device("cpu"))
-        loss = training.rerank_loss(model, local.reshape(*ids.shape, *local.shape[1:]), model.config.grid)
+        loss = losses.rerank_loss(model, local.reshape(*ids.shape, *local.shape[1:]), model.config.grid)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
