@@ -15,9 +15,11 @@ import torch
 
 import distributed
 import util
+from config import resume_free_flags
 from mining import TupleMiner, Tuples
 from model.checkpoint import LoadedCheckpoint, open_checkpoint, save_model
 from model.network import PRGSNetwork
+from parser import train_parser
 
 logger = logging.getLogger(__name__)
 
@@ -133,33 +135,9 @@ def restore_training(
     return TrainingState.from_checkpoint(state)
 
 
-# Flags that do not change what training computes, or that the checkpoint itself sets (the model's): a resume may
-# give them freely.
-RESUME_FREE_FLAGS = frozenset(
-    (
-        "backbone",
-        "fc_output_dim",
-        "local_dim",
-        "num_kept_nodes",
-        "temperature",
-        "output_folder",
-        "save_dir",
-        "overwrite",
-        "resume",
-        "non_strict_resume",
-        "backbone_weights",
-        "datasets_folder",
-        "msls_cache_dir",
-        "max_steps",
-        "checkpoint_every_steps",
-        "num_workers",
-        "device",
-        "test_split",
-        "test_before_training",
-        "num_preds_to_save",
-        "save_only_wrong_preds",
-    )
-)
+# Flags a resume may give freely: those of the argument groups that do not change what training computes, and the
+# model's (the checkpoint sets them); decided by group in config.resume_free_flags.
+RESUME_FREE_FLAGS = resume_free_flags(train_parser())
 
 
 def resume_differences(checkpoint_state: dict, args, device: torch.device) -> list[str]:

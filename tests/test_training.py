@@ -10,6 +10,7 @@ from short_runs import SHORT_TRAINING
 import pre_compute_mining
 import train_reranking
 import training
+import training_state
 import util
 from config import RESUME_FREE_GROUPS, resume_free_flags
 from datasets_ws import load_split
@@ -314,14 +315,14 @@ def test_a_resume_that_changes_only_how_the_run_executes_is_the_same_run():
     state = {"args": util.plain_args(saved), "training_state": {"device": "cpu"}}
     cpu = torch.device("cpu")
     execution = ["--dist_timeout", "5", "--num_queries_to_save", "3", "--rerank_cuda_graphs", "--store_tier", "host"]
-    assert training.resume_differences(state, parse_train_args(execution), cpu) == []
+    assert training_state.resume_differences(state, parse_train_args(execution), cpu) == []
     for flags, expected in (
         (["--resize", "160", "224"], "--resize 160 224 (the checkpoint's: 144 192)"),
         (["--local_head_init", "reference"], "--local_head_init reference (the checkpoint's: xavier)"),
         (["--val_positive_dist_threshold", "20"], "--val_positive_dist_threshold 20.0 (the checkpoint's: 25.0)"),
         (["--skip_bad_images"], "--skip_bad_images True (the checkpoint's: False)"),
     ):
-        assert training.resume_differences(state, parse_train_args([*flags, *execution]), cpu) == [expected]
+        assert training_state.resume_differences(state, parse_train_args([*flags, *execution]), cpu) == [expected]
 
 
 def test_the_resume_free_groups_are_groups_of_the_train_parser():
