@@ -4,11 +4,12 @@ with ground truth when the photos say where they were taken. docs/own_photos.md 
 Images: files ending in .jpg .jpeg .png .bmp .tif .tiff .webp (any case) anywhere under the folder, sorted by path;
 names starting with '.' are left out (e.g. macOS '._IMG_0001.JPG' companions, which are not images).
 
-Coordinates of an image, the first found: a VG-format file name ('@east@north@zone@letter@...'), else its EXIF GPS
-latitude and longitude converted to UTM with the ``utm`` package (the package the VG datasets' file names were made
-with). When every image has coordinates, positives are the database images within the radius (never across UTM
-zones) and recalls are reported; when none has, there is no ground truth (predictions and pictures only); when only
-some have, there is no ground truth either, and a warning says how many lack coordinates.
+Coordinates of an image, the first found: a VG-format file name ('@east@north@zone@letter@lat@lon@...'), else its
+EXIF GPS latitude and longitude. When every image has coordinates, positives are the database images within the radius
+and recalls are reported; places.geodesy measures the distances (planar UTM for VG names in one zone, as the benchmark
+does; the WGS84 ellipsoid otherwise, right across zones, the equator and the antimeridian). When none has coordinates,
+there is no ground truth (predictions and pictures only); when only some have, or some cannot be placed on the Earth
+(a name without zone nor latitude and longitude among several zones), there is no ground truth either, with a warning.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import utm
 from PIL import Image
 
+from places.geodesy import GeoPosition, common_frame, position_from_gps, position_from_vg_name, utm_array
 from places.index import DatasetError, PlaceIndex, positives_within_radius, without_images
 from places.walk import find_images
 
@@ -43,30 +43,9 @@ _HEADER_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 class PhotoInfo:
     """What the file name and header of one image say."""
 
-    utm: tuple[float, float] | None  # (east, north) metres; None when neither the name nor EXIF GPS gives it
-    zone: str | None  # UTM zone number and hemisphere, e.g. "32N"; None when unknown
+    position: GeoPosition | None  # None when neither the name nor EXIF GPS gives one
     source: str  # "file name", "EXIF GPS" or "none"
     portrait: bool | None  # upright height > width; None when square or the header cannot be read
-
-
-def vg_name_coordinates(name: str) -> tuple[float, float, str | None] | None:
-    """(east, north, zone) from a VG-format file name '@east@north@zone@letter@...', or None for any other name.
-
-    zone is e.g. "17N" (zone number and hemisphere from the latitude band letter), None when those fields are absent.
-    """
-    fields = name.split("@")
-    if len(fields) < 3 or fields[0] != "":
-        return None
-    try:
-        east, north = float(fields[1]), float(fields[2])
-    except ValueError:
-        return None
-    if not (np.isfinite(east) and np.isfinite(north)):
-        return None
-    zone = None
-    if len(fields) > 5 and fields[3].isdigit() and len(fields[4]) == 1 and fields[4].isalpha():
-        zone = f"{int(fields[3])}{'N' if fields[4].upper() >= 'N' else 'S'}"
-    return east, north, zone
 
 
 def exif_gps_degrees(exif: Image.Exif) -> tuple[float, float] | None:
@@ -94,19 +73,10 @@ def _signed_degrees(degrees_minutes_seconds: Sequence, reference: str | bytes, n
     return -value if str(reference).strip().upper().startswith(negative_reference) else value
 
 
-def utm_from_gps(latitude: float, longitude: float) -> tuple[float, float, str] | None:
-    """(east, north, zone such as "32N") of a WGS84 position, or None outside UTM's latitudes (80 S to 84 N)."""
-    try:
-        east, north, zone_number, _ = utm.from_latlon(latitude, longitude)
-    except utm.OutOfRangeError:
-        return None
-    return float(east), float(north), f"{zone_number}{'N' if latitude >= 0 else 'S'}"
-
-
 def read_photo_info(path: Path) -> PhotoInfo:
     """Coordinates and orientation of one image from its file name and header (pixels are not decoded). An
     unreadable header gives no EXIF coordinates; decoding the image later names the file."""
-    from_name = vg_name_coordinates(path.name)
+    from_name = position_from_vg_name(path.name)
     try:
         with Image.open(path) as image:
             exif = image.getexif()
@@ -118,12 +88,11 @@ def read_photo_info(path: Path) -> PhotoInfo:
         width, height = height, width
     portrait = None if width == height else height > width
     if from_name is not None:
-        return PhotoInfo(from_name[:2], from_name[2], "file name", portrait)
+        return PhotoInfo(from_name, "file name", portrait)
     degrees = exif_gps_degrees(exif) if exif is not None else None
-    position = utm_from_gps(*degrees) if degrees is not None else None
-    if position is not None:
-        return PhotoInfo(position[:2], position[2], "EXIF GPS", portrait)
-    return PhotoInfo(None, None, "none", portrait)
+    if degrees is not None:
+        return PhotoInfo(position_from_gps(*degrees), "EXIF GPS", portrait)
+    return PhotoInfo(None, "none", portrait)
 
 
 def build_folder_split(
@@ -154,22 +123,25 @@ def build_folder_split(
     index = without_images(index, exclude, None)
     infos = [read_photo_info(path) for path in index.absolute_paths()]
     _log_orientation(infos, image_size)
-    database_infos, queries_infos = infos[: index.database_num], infos[index.database_num :]
     if not _all_have_coordinates(index, infos):
         return index
-    zones = [info.zone for info in infos]
-    grouped = None not in zones and len(set(zones)) > 1  # positives never cross UTM zones
-    database_utms = np.array([info.utm for info in database_infos], dtype=np.float64)
-    queries_utms = np.array([info.utm for info in queries_infos], dtype=np.float64)
+    positions = [info.position for info in infos]
+    try:
+        frame = common_frame(positions, [str(path) for path in index.absolute_paths()], index.name)
+    except ValueError as error:
+        logger.warning("%s: no ground truth, so no recalls (predictions and pictures only)", error)
+        return index
+    database_frame, queries_frame = frame.split(index.database_num)
     positives = positives_within_radius(
-        database_utms,
-        queries_utms,
-        positive_dist_threshold,
-        zones[: index.database_num] if grouped else None,
-        zones[index.database_num :] if grouped else None,
+        database_frame.coordinates, queries_frame.coordinates, positive_dist_threshold, algorithm=frame.search_algorithm
     )
     return dataclasses.replace(
-        index, database_utms=database_utms, queries_utms=queries_utms, soft_positives_per_query=positives
+        index,
+        database_utms=utm_array(positions[: index.database_num]),
+        queries_utms=utm_array(positions[index.database_num :]),
+        soft_positives_per_query=positives,
+        database_ecef=database_frame.ecef,
+        queries_ecef=queries_frame.ecef,
     )
 
 
@@ -208,7 +180,7 @@ def _image_paths(folder: Path, root: Path, what: str) -> list[str]:
 def _all_have_coordinates(index: PlaceIndex, infos: list[PhotoInfo]) -> bool:
     """Log where the coordinates came from; True when every image has them (warn when only some do)."""
     sources = {source: sum(info.source == source for info in infos) for source in ("file name", "EXIF GPS", "none")}
-    missing = [path for path, info in zip(index.absolute_paths(), infos) if info.utm is None]
+    missing = [path for path, info in zip(index.absolute_paths(), infos) if info.position is None]
     logger.info(
         "%s: coordinates from VG-format file names for %d images, from EXIF GPS for %d, none for %d",
         index.summary(),

@@ -1,5 +1,5 @@
 """The place index: one split of a dataset as database images then queries in one index space
-[database 0..Nd-1, queries Nd..Nd+Nq-1], with ground-truth positives by radius, and the UTM coordinates of VG-format
+[database 0..Nd-1, queries Nd..Nd+Nq-1], with ground-truth positives by radius, and the coordinates in VG-format
 file names. The leaf of the dataset code: every reader (VG folders, MSLS, the toy world, plain folders) builds one."""
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ class PlaceIndex:
     root: Path  # folder the image paths are relative to (made absolute)
     database_paths: list[str]  # relative to root, posix separators
     queries_paths: list[str]
-    database_utms: np.ndarray | None  # (Nd, 2) float64 metres; None when unknown (MSLS test)
+    # (Nd, 2) float64 UTM (east, north) metres, each image in its own zone (NaN outside UTM's latitudes); None when
+    # unknown (MSLS test)
+    database_utms: np.ndarray | None
     queries_utms: np.ndarray | None  # (Nq, 2)
     soft_positives_per_query: list[np.ndarray] | None  # within positive_dist_threshold (25 m); None: no ground truth
     hard_positives_per_query: list[np.ndarray] | None = None  # train only: within 10 m
@@ -43,6 +45,10 @@ class PlaceIndex:
     queries_groups: list[str] | None = None
     queries_attributes: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. MSLS "night", "sideways" (Nq,)
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason) left out of this split
+    # (Nd, 3) / (Nq, 3) WGS84 earth-centred metres where positives were measured in that frame (places.geodesy: zones
+    # mixed, EXIF GPS); None when they were measured in planar UTM (VG names in one zone) or there is no ground truth
+    database_ecef: np.ndarray | None = None
+    queries_ecef: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).absolute()
@@ -58,14 +64,18 @@ class PlaceIndex:
             "database_keys": (len(self.database_keys), self.database_num),
             "queries_keys": (len(self.queries_keys), self.queries_num),
         }
-        if self.database_utms is not None:
-            per_image["database_utms"] = (len(self.database_utms), self.database_num)
-            if self.database_utms.ndim != 2 or self.database_utms.shape[1] != 2:
-                raise ValueError(f"{self.name}: database_utms must be (Nd, 2), got {self.database_utms.shape}")
-        if self.queries_utms is not None:
-            per_image["queries_utms"] = (len(self.queries_utms), self.queries_num)
-            if self.queries_utms.ndim != 2 or self.queries_utms.shape[1] != 2:
-                raise ValueError(f"{self.name}: queries_utms must be (Nq, 2), got {self.queries_utms.shape}")
+        coordinate_fields = (
+            ("database_utms", 2, self.database_num),
+            ("queries_utms", 2, self.queries_num),
+            ("database_ecef", 3, self.database_num),
+            ("queries_ecef", 3, self.queries_num),
+        )
+        for field_name, columns, num in coordinate_fields:
+            coordinates = getattr(self, field_name)
+            if coordinates is not None:
+                per_image[field_name] = (len(coordinates), num)
+                if coordinates.ndim != 2 or coordinates.shape[1] != columns:
+                    raise ValueError(f"{self.name}: {field_name} must be (N, {columns}), got {coordinates.shape}")
         for field_name in ("soft_positives_per_query", "hard_positives_per_query", "queries_groups"):
             value = getattr(self, field_name)
             if value is not None:
@@ -117,6 +127,7 @@ class PlaceIndex:
 # ----------------------------------------------------------------------------------------------------------------
 
 VG_FILE_NAME_PATTERN = "@UTM_east@UTM_north@UTM_zone_number@UTM_zone_letter@lat@lon@...@.jpg"
+UTM_BAND_LETTERS = "CDEFGHJKLMNPQRSTUVWX"  # latitude bands 80 S to 84 N; N and later are northern
 
 
 def utm_from_filename(path: str | Path) -> tuple[float, float]:
@@ -143,6 +154,44 @@ def utm_from_filename(path: str | Path) -> tuple[float, float]:
     return east, north
 
 
+def vg_name_coordinates(name: str) -> tuple[float, float, str | None] | None:
+    """(east, north, zone) from a VG-format file name '@east@north@zone@letter@...', or None for any other name.
+
+    zone is e.g. "17N" (zone number and hemisphere from the latitude band letter), None when those fields are absent
+    or are not a UTM zone number (1 to 60) and band letter (C to X).
+    """
+    fields = name.split("@")
+    if len(fields) < 3 or fields[0] != "":
+        return None
+    try:
+        east, north = float(fields[1]), float(fields[2])
+    except ValueError:
+        return None
+    if not (np.isfinite(east) and np.isfinite(north)):
+        return None
+    zone = None
+    if len(fields) > 5 and fields[3].isdigit() and len(fields[4]) == 1 and fields[4].isalpha():
+        zone_number, letter = int(fields[3]), fields[4].upper()
+        if 1 <= zone_number <= 60 and letter in UTM_BAND_LETTERS:
+            zone = f"{zone_number}{'N' if letter >= 'N' else 'S'}"
+    return east, north, zone
+
+
+def vg_name_lat_lon(name: str) -> tuple[float, float] | None:
+    """(latitude, longitude) in degrees from the fields after the zone of a VG-format file name
+    '@east@north@zone@letter@lat@lon@...', or None when absent, not numbers, out of range or (0, 0)."""
+    fields = name.split("@")
+    if len(fields) < 8 or fields[0] != "":
+        return None
+    try:
+        latitude, longitude = float(fields[5]), float(fields[6])
+    except ValueError:
+        return None
+    if not (abs(latitude) <= 90 and abs(longitude) <= 180) or (latitude, longitude) == (0.0, 0.0):
+        return None
+    return latitude, longitude
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Positives
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,16 +207,23 @@ def positives_within_radius(
 ) -> list[np.ndarray]:
     """For each query, the database indices within radius_m metres (inclusive), sorted by distance then index.
 
-    With groups (e.g. the MSLS city), a query is compared only with database images of its own group, since UTM
+    Coordinates: (N, 2) planar UTM or (N, 3) earth-centred metres, both sides in one frame (places.geodesy chooses
+    it). With groups (e.g. the MSLS city), a query is compared only with database images of its own group, since UTM
     coordinates of different cities or zones are not comparable. Returns one int64 array per query.
 
     algorithm: sklearn NearestNeighbors' search. The boundary depends on it: 'auto' (a kd-tree in 2-D, what the VG
     benchmark uses) computes exact distances, while 'brute' (what mapillary_sls uses) computes them from dot
     products, which at UTM magnitudes moves a database image near the radius in or out by ~1e-4 m. Each dataset
-    uses its reference's choice, so its positives are the reference's.
+    uses its reference's choice, so its positives are the reference's; in earth-centred coordinates the VG and folder
+    readers take a kd-tree (places.geodesy.Frame.search_algorithm).
     """
-    database_utms = _checked_utms(database_utms, "database_utms")
-    queries_utms = _checked_utms(queries_utms, "queries_utms")
+    database_utms = _checked_coordinates(database_utms, "database_utms")
+    queries_utms = _checked_coordinates(queries_utms, "queries_utms")
+    if database_utms.shape[1] != queries_utms.shape[1]:
+        raise ValueError(
+            f"database and queries coordinates must be in one frame, got {database_utms.shape[1]} and "
+            f"{queries_utms.shape[1]} columns"
+        )
     if (database_groups is None) != (queries_groups is None):
         raise ValueError("give groups for both database and queries, or for neither")
     if database_groups is None:
@@ -195,14 +251,15 @@ def positives_within_radius(
     return positives
 
 
-def _checked_utms(utms: np.ndarray, what: str) -> np.ndarray:
-    """utms as a finite (N, 2) float64 array, or ValueError."""
-    utms = np.asarray(utms, dtype=np.float64)
-    if utms.ndim != 2 or utms.shape[1] != 2:
-        raise ValueError(f"{what} must have shape (N, 2), got {utms.shape}")
-    if not np.isfinite(utms).all():
-        raise ValueError(f"{what} has {int((~np.isfinite(utms)).any(axis=1).sum())} rows that are not finite")
-    return utms
+def _checked_coordinates(coordinates: np.ndarray, what: str) -> np.ndarray:
+    """coordinates as a finite (N, 2) or (N, 3) float64 array, or ValueError."""
+    coordinates = np.asarray(coordinates, dtype=np.float64)
+    if coordinates.ndim != 2 or coordinates.shape[1] not in (2, 3):
+        raise ValueError(f"{what} must have shape (N, 2) or (N, 3), got {coordinates.shape}")
+    if not np.isfinite(coordinates).all():
+        not_finite = int((~np.isfinite(coordinates)).any(axis=1).sum())
+        raise ValueError(f"{what} has {not_finite} rows that are not finite")
+    return coordinates
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,6 +295,8 @@ def subset_index(
         queries_paths=take(index.queries_paths, queries_kept),
         database_utms=take(index.database_utms, database_kept),
         queries_utms=take(index.queries_utms, queries_kept),
+        database_ecef=take(index.database_ecef, database_kept),
+        queries_ecef=take(index.queries_ecef, queries_kept),
         soft_positives_per_query=renumbered(index.soft_positives_per_query),
         hard_positives_per_query=renumbered(index.hard_positives_per_query),
         database_keys=take(index.database_keys, database_kept),

@@ -1,14 +1,14 @@
 """VG-benchmark folders (Pitts30k and others, as the VPR-datasets-downloader writes them):
 <datasets_folder>/<dataset_name>/images/{train,val,test}/{database,queries}/**/*.jpg (also .jpeg, .png; listed by
-places.walk), UTM in the file names."""
+places.walk), UTM (and zone, latitude and longitude) in the file names; places.geodesy picks the frame distances are
+measured in."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
-import numpy as np
-
+from places.geodesy import GeoPosition, common_frame, utm_array
 from places.index import (
     VG_FILE_NAME_PATTERN,
     DatasetError,
@@ -16,6 +16,8 @@ from places.index import (
     drop_queries_without_positives,
     positives_within_radius,
     utm_from_filename,
+    vg_name_coordinates,
+    vg_name_lat_lon,
     without_images,
 )
 from places.walk import IMAGE_EXTENSIONS, find_images
@@ -35,34 +37,57 @@ def build_vg_split(
 ) -> PlaceIndex:
     """PlaceIndex of <datasets_folder>/<dataset_name>/images/<split>/{database,queries}/**/*.jpg.
 
-    Images are sorted by path; UTM comes from the file names. Soft positives: within positive_dist_threshold.
+    Images are sorted by path; positions come from the file names, compared in planar UTM when the split lies in one
+    zone (the benchmark's convention) and on the WGS84 ellipsoid when it spans several (places.geodesy). Soft
+    positives: within positive_dist_threshold.
     For split "train" also hard positives (within train_positive_dist_threshold), and training queries without a
     hard positive are dropped (logged), as in the reference. exclude: see without_images.
     """
     split_folder = _vg_split_folder(Path(datasets_folder), dataset_name, split)
     database_paths = _sorted_jpgs(split_folder, "database")
     queries_paths = _sorted_jpgs(split_folder, "queries")
-    database_utms = np.array([utm_from_filename(split_folder / p) for p in database_paths], dtype=np.float64)
-    queries_utms = np.array([utm_from_filename(split_folder / p) for p in queries_paths], dtype=np.float64)
-    soft_positives = positives_within_radius(database_utms, queries_utms, positive_dist_threshold)
+    positions = [_position_from_file_name(split_folder / p) for p in database_paths + queries_paths]
+    try:
+        frame = common_frame(positions, database_paths + queries_paths, f"{dataset_name}/{split}")
+    except ValueError as error:
+        raise DatasetError(f"{split_folder}: {error}") from None
+    database_frame, queries_frame = frame.split(len(database_paths))
+    soft_positives = positives_within_radius(
+        database_frame.coordinates, queries_frame.coordinates, positive_dist_threshold, algorithm=frame.search_algorithm
+    )
     hard_positives = None
     if split == "train":
-        hard_positives = positives_within_radius(database_utms, queries_utms, train_positive_dist_threshold)
+        hard_positives = positives_within_radius(
+            database_frame.coordinates,
+            queries_frame.coordinates,
+            train_positive_dist_threshold,
+            algorithm=frame.search_algorithm,
+        )
     index = PlaceIndex(
         name=f"{dataset_name}/{split}",
         root=split_folder,
         database_paths=database_paths,
         queries_paths=queries_paths,
-        database_utms=database_utms,
-        queries_utms=queries_utms,
+        database_utms=utm_array(positions[: len(database_paths)]),
+        queries_utms=utm_array(positions[len(database_paths) :]),
         soft_positives_per_query=soft_positives,
         hard_positives_per_query=hard_positives,
+        database_ecef=database_frame.ecef,
+        queries_ecef=queries_frame.ecef,
     )
     if split == "train":
         index = drop_queries_without_positives(
             index, "hard", f"no database image within {train_positive_dist_threshold:g} m"
         )
     return without_images(index, exclude, "hard" if split == "train" else None)
+
+
+def _position_from_file_name(path: Path) -> GeoPosition:
+    """The position in a VG-format file name; DatasetError naming the file when it has none."""
+    east_north = utm_from_filename(path)
+    planar = vg_name_coordinates(path.name)
+    zone = None if planar is None else planar[2]
+    return GeoPosition(east_north, zone, vg_name_lat_lon(path.name), from_file_name=True)
 
 
 def _vg_split_folder(datasets_folder: Path, dataset_name: str, split: str) -> Path:

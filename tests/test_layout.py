@@ -84,6 +84,7 @@ def test_the_project_has_the_modules_the_design_names(import_graph):
         "places.vg",
         "places.toy_world",
         "places.folders",
+        "places.geodesy",
         "api",
         "hubconf",
         "report",

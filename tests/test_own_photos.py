@@ -19,9 +19,9 @@ from PIL.TiffImagePlugin import IFDRational
 import evaluation
 import test as test_script
 from datasets_ws import load_split
-from places.folders import build_folder_split, exif_gps_degrees, read_photo_info, vg_name_coordinates
+from places.folders import build_folder_split, exif_gps_degrees, read_photo_info
 from places.images import open_rgb_image
-from places.index import DatasetError, utm_from_filename
+from places.index import DatasetError, utm_from_filename, vg_name_coordinates
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--num_workers", "0", "--infer_batch_size", "25", "--rerank_top", "10", "--recall_values", "1", "5", "10"]
