@@ -10,7 +10,7 @@ also the backbone, 'global' the global descriptor alone. See training.py for the
 
 from __future__ import annotations
 
-import distributed
+import runs
 from datasets_ws import load_split
 from model.checkpoint import build_model
 from parser import model_options, parse_train_args, resumes_into_output_folder, split_options
@@ -19,7 +19,7 @@ from training import Trainer, TrainingSplits
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_train_args(argv)
-    with distributed.start_run(args, resumes_in_place=resumes_into_output_folder(args)) as run:
+    with runs.start_run(args, resumes_in_place=resumes_into_output_folder(args)) as run:
         splits = TrainingSplits(
             *(
                 load_split(args.datasets_folder, args.dataset_name, split, **split_options(args))
@@ -35,4 +35,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    distributed.run_entry_point(main)
+    runs.run_entry_point(main)

@@ -37,6 +37,7 @@ import torch.utils.data
 from tqdm import tqdm
 
 import distributed
+import runs
 import util
 from datasets_ws import TupleDataset
 from evaluation import build_results, eval_settings, evaluate, recalls_by_name, recalls_table, write_outputs
@@ -272,7 +273,7 @@ def save_training_checkpoint(
             "device": str(device),
             "world_size": distributed.world_size(),
         },
-        args=util.plain_args(args),
+        args=runs.plain_args(args),
     )
 
 
@@ -324,7 +325,7 @@ def resume_differences(checkpoint_state: dict, args, device: torch.device) -> li
     """What will differ from the interrupted run when resuming its last.pth with these flags: every flag that
     changes training, validation or stopping and has another value than the checkpoint's, and the device."""
     saved_args = checkpoint_state.get("args") or {}
-    now = util.plain_args(args)
+    now = runs.plain_args(args)
     differences = [
         f"--{name} {_flag_text(now[name])} (the checkpoint's: {_flag_text(saved_args[name])})"
         for name in sorted(set(now) & set(saved_args) - RESUME_FREE_FLAGS)
@@ -386,7 +387,7 @@ class Trainer:
     (``state``), and the run's outputs (``results``, checkpoints in ``run.folder``)."""
 
     def __init__(
-        self, model: PRGSNetwork, checkpoint: LoadedCheckpoint | None, splits: TrainingSplits, args, run: util.Run
+        self, model: PRGSNetwork, checkpoint: LoadedCheckpoint | None, splits: TrainingSplits, args, run: runs.Run
     ):
         self.model, self.splits, self.args, self.run = model, splits, args, run
         self.device, self.grid = run.device, patch_grid(args.resize)
@@ -736,7 +737,7 @@ class Trainer:
         if distributed.is_main():
             if improved:
                 best = self.run.folder / "best.pth"
-                save_model(self.model, best, metrics=state.history[-1], args=util.plain_args(args))
+                save_model(self.model, best, metrics=state.history[-1], args=runs.plain_args(args))
             self._save_curves()
         if improved:
             self.run.note("best.pth", f"epoch {state.best_epoch}, val R@{args.recall_values[0]} {metric:.2f}")
@@ -832,7 +833,7 @@ class Trainer:
                 },
                 "seconds": round(self.run.seconds(), 1),
                 "model": self.model.config.to_dict(),
-                "configuration": util.plain_args(args),
+                "configuration": runs.plain_args(args),
             }
         )
         if distributed.is_main():
