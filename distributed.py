@@ -3,20 +3,18 @@ joining and leaving the process group, which part of a list of images is this ra
 stopping every rank together when one fails. docs/distributed.md has the launch commands and what each script does.
 
 In one process (plain ``python``, or torchrun with one process) nothing is initialised and every helper is the
-identity: the one-process path runs exactly the code it ran before this module existed.
+identity: the one-process path runs exactly the code it ran before this module existed. The run's folder, logging
+and failures on each rank are runs.py's (it asks this module who this process is).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,8 +23,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import util
-
-logger = logging.getLogger(__name__)
 
 
 class DistributedError(util.PRGSError, RuntimeError):
@@ -63,7 +59,7 @@ def init(device_name: str, timeout_minutes: float) -> torch.device:
     """This rank's device; under torchrun with several processes, also join the process group (NCCL when the device
     is a GPU, gloo on the CPU) with ``timeout_minutes`` as the longest wait at a collective before it fails.
 
-    'cuda' becomes cuda:LOCAL_RANK (one process per GPU); one process resolves the device as util does."""
+    'cuda' becomes cuda:LOCAL_RANK (one process per GPU); one process resolves the device as util.resolve_device."""
     device = util.resolve_device(device_name)
     if launched_world_size() == 1:
         return device
@@ -85,51 +81,16 @@ def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def start_run(args, **options) -> util.Run:
-    """util.start_run(args, **options) for every script, on every rank, as a context manager: rank 0 makes, locks
-    and owns the output folder (what a failed run keeps is its to say) and tells the others where it is; the other
-    ranks log only errors, to the console, marked with their rank. A rank 0 that cannot start the run (a folder in
-    use, earlier outputs) stops every rank with its message."""
-    if launched_world_size() == 1:
-        return util.start_run(args, **options)
-    started = time.perf_counter()
-    device = init(args.device, args.dist_timeout)
-    run = None
-    with stop_together("starting the run"):
-        if is_main():
-            run = util.start_run(args, **options)
-            run.device = device
-            logger.info(
-                "distributed: %d processes (%d on this machine, %s), rank 0 on %s",
-                world_size(),
-                int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-                dist.get_backend(),
-                device,
-            )
-    folder = Path(broadcast_object(str(run.folder) if run is not None else None))
-    if run is None:
-        util.setup_logging(None, logging.ERROR)
-        for handler in logging.getLogger().handlers:
-            if getattr(handler, "_prgs_handler", False):
-                handler.setFormatter(logging.Formatter(f"%(asctime)s   [rank {rank()}] %(message)s", "%H:%M:%S"))
-        util.set_seed(args.seed)
-        run = util.Run(folder, device, started, owner=False)
-    with stop_together("starting the run"):
-        if not folder.is_dir():
-            raise DistributedError(
-                f"rank {rank()} on {socket.gethostname()} cannot see the output folder {folder} that rank 0 made: "
-                "every rank reads and writes the run's work files there (put --output_folder on a filesystem "
-                "that every machine mounts)"
-            )
-    return run
+def launch_summary() -> str:
+    """How many processes there are, how many on this machine, and the backend, for the log."""
+    return (
+        f"{world_size()} processes ({int(os.environ.get('LOCAL_WORLD_SIZE', '1'))} on this machine, "
+        f"{dist.get_backend()})"
+    )
 
 
-def run_entry_point(main: Callable[[], Any]) -> None:
-    """util.run_entry_point, then leave the process group. A rank whose main() fails exits at once (status 2 for
-    the project's errors) without waiting for the others: torchrun then stops them, and a rank blocked at a
-    collective fails at the latest after --dist_timeout minutes. A rank that is done does not wait for rank 0 to
-    finish writing (no barrier: rank 0's last steps may take longer than the timeout); torchrun waits for all."""
-    util.run_entry_point(main)
+def leave() -> None:
+    """Leave the process group, when this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import distributed
+import runs
 import util
 from extraction import image_batches
 from feature_store import (
@@ -695,7 +696,7 @@ def build_results(
             "faiss_gpu": faiss_uses_gpu(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         },
-        "configuration": util.plain_args(args),
+        "configuration": runs.plain_args(args),
     }
     if args.dataset_name == "msls" and evaluation.global_recalls is not None:
         ks = [n for n in args.recall_values if n <= evaluation.global_predictions.shape[1]]

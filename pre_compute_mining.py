@@ -15,6 +15,7 @@ import logging
 import numpy as np
 
 import distributed
+import runs
 from config import model_options, split_options
 from datasets_ws import load_split
 from extraction import global_descriptors
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_mining_args(argv)
-    with distributed.start_run(args, output_files=[args.output]) as run:
+    with runs.start_run(args, output_files=[args.output]) as run:
         index = load_split(args.datasets_folder, args.dataset_name, "train", **split_options(args))
         model, checkpoint = build_model(args.model_config, **model_options(args))
         if checkpoint is None:
@@ -90,4 +91,4 @@ def mining_metadata(args, index, model) -> dict:
 
 
 if __name__ == "__main__":
-    distributed.run_entry_point(main)
+    runs.run_entry_point(main)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 import distributed
+import runs
 import util
 from config import model_options, split_options
 from datasets_ws import load_split
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_test_args(argv)
-    with distributed.start_run(args) as run:
+    with runs.start_run(args) as run:
         index = load_split(args.datasets_folder, args.dataset_name, args.split, **split_options(args))
         if index.queries_num == 0:
             raise util.PRGSError(f"{index.summary()} has no queries to evaluate")
@@ -79,4 +80,4 @@ def _save_rerank_pictures(args, run, model, index, evaluation, settings) -> None
 
 
 if __name__ == "__main__":
-    distributed.run_entry_point(main)
+    runs.run_entry_point(main)

@@ -11,7 +11,7 @@ checkpoints.
 
 from __future__ import annotations
 
-import distributed
+import runs
 from config import model_options, resumes_into_output_folder, split_options
 from datasets_ws import load_split
 from model.checkpoint import build_model
@@ -21,7 +21,7 @@ from training import Trainer, TrainingSplits
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_train_args(argv)
-    with distributed.start_run(args, resumes_in_place=resumes_into_output_folder(args)) as run:
+    with runs.start_run(args, resumes_in_place=resumes_into_output_folder(args)) as run:
         splits = TrainingSplits(
             *(
                 load_split(args.datasets_folder, args.dataset_name, split, **split_options(args))
@@ -37,4 +37,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    distributed.run_entry_point(main)
+    runs.run_entry_point(main)

@@ -27,6 +27,7 @@ import torch.utils.data
 from tqdm import tqdm
 
 import distributed
+import runs
 import util
 from datasets_ws import TupleDataset
 from evaluation import Evaluation, eval_settings, evaluate, recalls_by_name, recalls_table
@@ -216,7 +217,7 @@ class Trainer:
     ``run.folder``)."""
 
     def __init__(
-        self, model: PRGSNetwork, checkpoint: LoadedCheckpoint | None, splits: TrainingSplits, args, run: util.Run
+        self, model: PRGSNetwork, checkpoint: LoadedCheckpoint | None, splits: TrainingSplits, args, run: runs.Run
     ):
         self.model, self.splits, self.args, self.run = model, splits, args, run
         self.device, self.grid = run.device, patch_grid(args.resize)
@@ -450,7 +451,7 @@ class Trainer:
         if distributed.is_main():
             if improved:
                 best = self.run.folder / "best.pth"
-                save_model(self.model, best, metrics=state.history[-1], args=util.plain_args(args))
+                save_model(self.model, best, metrics=state.history[-1], args=runs.plain_args(args))
             save_curves(self.run.folder / "training_curves.png", state.history, self.with_rerank)
         if improved:
             self.run.note("best.pth", f"epoch {state.best_epoch}, val R@{args.recall_values[0]} {metric:.2f}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 import distributed
+import runs
 import util
 from evaluation import Evaluation, build_results, recalls_by_name, recalls_table, write_outputs
 from model.checkpoint import LoadedCheckpoint
@@ -90,7 +91,7 @@ class TrainingReport:
                 "throughput": throughput,
                 "seconds": round(seconds, 1),
                 "model": model.config.to_dict(),
-                "configuration": util.plain_args(args),
+                "configuration": runs.plain_args(args),
             }
         )
         if distributed.is_main():

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import distributed
+import runs
 import util
 from config import resume_free_flags
 from mining import TupleMiner, Tuples
@@ -116,7 +117,7 @@ def save_training_checkpoint(
             "device": str(device),
             "world_size": distributed.world_size(),
         },
-        args=util.plain_args(args),
+        args=runs.plain_args(args),
     )
 
 
@@ -144,7 +145,7 @@ def resume_differences(checkpoint_state: dict, args, device: torch.device) -> li
     """What will differ from the interrupted run when resuming its last.pth with these flags: every flag that
     changes training, validation or stopping and has another value than the checkpoint's, and the device."""
     saved_args = checkpoint_state.get("args") or {}
-    now = util.plain_args(args)
+    now = runs.plain_args(args)
     differences = [
         f"--{name} {_flag_text(now[name])} (the checkpoint's: {_flag_text(saved_args[name])})"
         for name in sorted(set(now) & set(saved_args) - RESUME_FREE_FLAGS)
@@ -172,7 +173,7 @@ def start_or_resume(
     optimizer: torch.optim.Optimizer,
     miner: TupleMiner,
     args,
-    run: util.Run,
+    run: runs.Run,
 ) -> TrainingState:
     """The exact training state of a last.pth of this stage (restoring ``optimizer`` and ``miner`` too); a fresh
     state for anything else. A resumed run says which flags differ from the interrupted one (then it continues, but
@@ -208,7 +209,7 @@ def start_or_resume(
     return TrainingState()
 
 
-def adopt_best(resumed_folder: Path, state: TrainingState, run: util.Run) -> None:
+def adopt_best(resumed_folder: Path, state: TrainingState, run: runs.Run) -> None:
     """Copy the interrupted run's best.pth into this run's folder when they differ, so that the final test
     tests the best epoch of the whole run."""
     if state.best_epoch < 0 or resumed_folder.resolve() == run.folder.resolve():

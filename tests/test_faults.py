@@ -20,6 +20,7 @@ from short_runs import SHORT_TRAINING
 import evaluation
 import feature_store
 import pre_compute_mining
+import runs
 import test as test_script
 import train_reranking
 import training
@@ -49,7 +50,7 @@ def run_script(main, argv: list[str], capsys) -> tuple[int, str]:
     'interrupted: ...', or argparse's '<script>: error: ...')."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
-        util.run_entry_point(lambda: main(argv))
+        runs.run_entry_point(lambda: main(argv))
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Logging error" not in err, err
     final = [line for line in err.splitlines() if line.startswith(("error:", "interrupted:")) or ": error: " in line]
@@ -112,12 +113,12 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_process(script,
     folder.mkdir()
     (folder / "results.json").write_text('{"theirs": 1}')
     before = snapshot(folder)
-    lock = util.acquire_lock(folder / util.LOCK_FILE_NAME, "output folder")  # the other run
+    lock = runs.acquire_lock(folder / runs.LOCK_FILE_NAME, "output folder")  # the other run
     try:
         fast = MINING_FAST if script is pre_compute_mining else FAST
         status, line = run_script(script.main, ["--output_folder", str(folder), "--overwrite", *fast], capsys)
     finally:
-        util.release_lock(folder / util.LOCK_FILE_NAME, lock)
+        runs.release_lock(folder / runs.LOCK_FILE_NAME, lock)
     assert status == 2
     assert f"output folder {folder} is in use by another run: process {os.getpid()}" in line
     assert snapshot(folder) == before  # --overwrite removed nothing of the running one
@@ -202,7 +203,7 @@ def test_sigterm_stops_like_ctrl_c(capsys):
         time.sleep(5)  # the handler raises before this ends
 
     with pytest.raises(SystemExit) as stopped:
-        util.run_entry_point(main)
+        runs.run_entry_point(main)
     assert stopped.value.code == 130 and "interrupted: nothing was written" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
 
@@ -274,8 +275,8 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, 
 
 
 def test_a_log_file_on_a_full_disk_warns_once_without_a_traceback(tmp_path, capsys):
-    util.setup_logging(tmp_path)
-    log_files = [h for h in util.logging.getLogger().handlers if isinstance(h, util.logging.FileHandler)]
+    runs.setup_logging(tmp_path)
+    log_files = [h for h in runs.logging.getLogger().handlers if isinstance(h, runs.logging.FileHandler)]
 
     class FullDisk:
         def write(self, text):
@@ -287,8 +288,8 @@ def test_a_log_file_on_a_full_disk_warns_once_without_a_traceback(tmp_path, caps
     for handler in log_files:
         handler.stream = FullDisk()
     for number in range(3):
-        util.logger.info("line %d", number)
-    util.close_log_files()
+        runs.logger.info("line %d", number)
+    runs.close_log_files()
     err = capsys.readouterr().err
     assert err.count("warning: cannot write") == 2 and "Traceback" not in err  # once per file
 

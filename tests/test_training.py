@@ -8,10 +8,10 @@ import torch
 from short_runs import SHORT_TRAINING
 
 import pre_compute_mining
+import runs
 import train_reranking
 import training
 import training_state
-import util
 from config import RESUME_FREE_GROUPS, resume_free_flags
 from datasets_ws import load_split
 from mining import (
@@ -312,7 +312,7 @@ def test_a_resume_that_changes_only_how_the_run_executes_is_the_same_run():
     """Flags of the runtime, speed, output and picture groups may change on a resume without the run being reported
     as another; a model or data flag that changes is still reported."""
     saved = parse_train_args([])
-    state = {"args": util.plain_args(saved), "training_state": {"device": "cpu"}}
+    state = {"args": runs.plain_args(saved), "training_state": {"device": "cpu"}}
     cpu = torch.device("cpu")
     execution = ["--dist_timeout", "5", "--num_queries_to_save", "3", "--rerank_cuda_graphs", "--store_tier", "host"]
     assert training_state.resume_differences(state, parse_train_args(execution), cpu) == []
