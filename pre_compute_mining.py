@@ -15,7 +15,7 @@ import logging
 import numpy as np
 
 import distributed
-from datasets_ws import load_split
+from datasets_ws import load_split, split_request
 from extraction import global_descriptors
 from mining import (
     dataset_fingerprints,
@@ -25,7 +25,7 @@ from mining import (
     save_hard_negatives,
 )
 from model.checkpoint import build_model
-from parser import model_options, parse_mining_args, split_options
+from parser import model_options, parse_mining_args
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> str:
     args = parse_mining_args(argv)
     with distributed.start_run(args, output_files=[args.output]) as run:
-        index = load_split(args.datasets_folder, args.dataset_name, "train", **split_options(args))
+        index = load_split(split_request(args, "train"))
         model, checkpoint = build_model(args.model_config, **model_options(args))
         if checkpoint is None:
             logger.warning("no --resume: mining with an untrained global model gives poor negatives")

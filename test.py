@@ -15,7 +15,7 @@ import logging
 
 import distributed
 import util
-from datasets_ws import load_split
+from datasets_ws import load_split, split_request
 from evaluation import (
     build_results,
     eval_settings,
@@ -26,7 +26,7 @@ from evaluation import (
     write_outputs,
 )
 from model.checkpoint import build_model
-from parser import model_options, parse_test_args, split_options
+from parser import model_options, parse_test_args
 from places.folders import FOLDERS_NAME
 from retrieval import faiss_uses_gpu
 
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> dict:
     args = parse_test_args(argv)
     with distributed.start_run(args) as run:
-        index = load_split(args.datasets_folder, args.dataset_name, args.split, **split_options(args))
+        index = load_split(split_request(args, args.split))
         if index.queries_num == 0:
             raise util.PRGSError(f"{index.summary()} has no queries to evaluate")
         model, checkpoint = build_model(args.model_config, **model_options(args))
