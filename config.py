@@ -299,21 +299,6 @@ def resumes_into_output_folder(args: argparse.Namespace) -> bool:
 # Settings of the data and the model, by keyword
 
 
-def split_options(args: argparse.Namespace) -> dict:
-    """The keyword arguments of datasets_ws.load_split that the data flags set."""
-    options = dict(
-        positive_dist_threshold=args.val_positive_dist_threshold,
-        skip_bad_images=args.skip_bad_images,
-        num_workers=args.num_workers,
-        msls_cache_dir=args.msls_cache_dir,
-    )
-    if hasattr(args, "train_positives_dist_threshold"):
-        options["train_positive_dist_threshold"] = args.train_positives_dist_threshold
-    if args.dataset_name == FOLDERS_NAME:
-        options.update(database_folder=args.database_folder, queries_folder=args.queries_folder, image_size=args.resize)
-    return options
-
-
 def model_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of model.checkpoint.build_model (besides args.model_config) that the flags set."""
     return dict(resume=args.resume, backbone_weights=args.backbone_weights, strict=not args.non_strict_resume)

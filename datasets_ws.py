@@ -8,8 +8,10 @@ live in the ``places`` package.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,41 +85,60 @@ class RawImageDataset(ImageDataset):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_split(
-    datasets_folder: str | Path,
-    dataset_name: str,
-    split: str,
-    *,
-    positive_dist_threshold: float = 25.0,
-    train_positive_dist_threshold: float = 10.0,
-    skip_bad_images: bool = False,
-    num_workers: int = 0,
-    msls_cache_dir: str | Path | None = None,
-    database_folder: str | Path | None = None,
-    queries_folder: str | Path | None = None,
-    image_size: tuple[int, int] | None = None,
-) -> PlaceIndex:
-    """PlaceIndex of one split: "msls" is native Mapillary SLS, "toy_world" is generated on first use, "folders" is
-    every image under database_folder and queries_folder (datasets_folder and split are not used; image_size, the
-    network input, only serves a warning about photo orientation), any other name is a VG-format folder.
+@dataclass(frozen=True)
+class SplitRequest:
+    """Which split to load and how: the data flags of a script (split_request builds one from them).
 
-    skip_bad_images: decode every image first (num_workers DataLoader workers) and leave the unreadable ones out,
-    logged and listed in `excluded`. Without it nothing is scanned, and an unreadable image raises BadImageError
-    when it is loaded.
+    dataset_name: "msls" is native Mapillary SLS, "toy_world" is generated on first use, "folders" is every image
+    under database_folder and queries_folder (datasets_folder and split are not used; image_size, the network input,
+    only serves a warning about photo orientation), any other name is a VG-format folder under datasets_folder.
+    skip_bad_images: decode every image first (num_workers DataLoader workers) and leave the unreadable ones out.
     """
-    datasets_folder = Path(datasets_folder)
-    if dataset_name == "toy_world":
-        _make_toy_world_if_missing(datasets_folder, split)
-    settings = dict(
-        positive_dist_threshold=positive_dist_threshold,
-        train_positive_dist_threshold=train_positive_dist_threshold,
-        msls_cache_dir=msls_cache_dir,
+
+    datasets_folder: str | Path
+    dataset_name: str
+    split: str
+    positive_dist_threshold: float = 25.0
+    train_positive_dist_threshold: float = 10.0  # hard positives of MSLS train
+    skip_bad_images: bool = False
+    num_workers: int = 0
+    msls_cache_dir: str | Path | None = None
+    database_folder: str | Path | None = None
+    queries_folder: str | Path | None = None
+    image_size: tuple[int, int] | None = None
+
+
+def split_request(args: argparse.Namespace, split: str) -> SplitRequest:
+    """The SplitRequest that the data flags of a parsed command line describe, for `split`."""
+    folders = args.dataset_name == FOLDERS_NAME
+    return SplitRequest(
+        datasets_folder=args.datasets_folder,
+        dataset_name=args.dataset_name,
+        split=split,
+        positive_dist_threshold=args.val_positive_dist_threshold,
+        train_positive_dist_threshold=getattr(
+            args, "train_positives_dist_threshold", SplitRequest.train_positive_dist_threshold
+        ),
+        skip_bad_images=args.skip_bad_images,
+        num_workers=args.num_workers,
+        msls_cache_dir=args.msls_cache_dir,
+        database_folder=args.database_folder if folders else None,
+        queries_folder=args.queries_folder if folders else None,
+        image_size=args.resize if folders else None,
     )
-    if dataset_name == FOLDERS_NAME:
-        settings.update(database_folder=database_folder, queries_folder=queries_folder, image_size=image_size)
-    index = build_split(datasets_folder, dataset_name, split, **settings)
-    if skip_bad_images:
-        unreadable = find_unreadable_images(index.absolute_paths(), num_workers=num_workers)
+
+
+def load_split(request: SplitRequest) -> PlaceIndex:
+    """PlaceIndex of the split `request` names (SplitRequest says how each dataset name is read).
+
+    With request.skip_bad_images the unreadable images are logged and listed in `excluded`; without it nothing is
+    scanned, and an unreadable image raises BadImageError when it is loaded.
+    """
+    if request.dataset_name == "toy_world":
+        _make_toy_world_if_missing(Path(request.datasets_folder), request.split)
+    index = build_split(request)
+    if request.skip_bad_images:
+        unreadable = find_unreadable_images(index.absolute_paths(), num_workers=request.num_workers)
         if unreadable:
             logger.warning(
                 "%s: leaving out %d unreadable images (--skip_bad_images):\n%s",
@@ -125,44 +146,36 @@ def load_split(
                 len(unreadable),
                 "\n".join(f"  {path}: {reason}" for path, reason in unreadable),
             )
-            index = build_split(datasets_folder, dataset_name, split, exclude=dict(unreadable), **settings)
+            index = build_split(request, exclude=dict(unreadable))
         else:
             logger.info("%s: all %d images decode", index.name, len(index))
     logger.info("loaded %s", index.summary())
     return index
 
 
-def build_split(
-    datasets_folder: Path,
-    dataset_name: str,
-    split: str,
-    *,
-    exclude: Collection[str] | Mapping[str, str] = (),
-    positive_dist_threshold: float = 25.0,
-    train_positive_dist_threshold: float = 10.0,
-    msls_cache_dir: str | Path | None = None,
-    database_folder: str | Path | None = None,
-    queries_folder: str | Path | None = None,
-    image_size: tuple[int, int] | None = None,
-) -> PlaceIndex:
+def build_split(request: SplitRequest, exclude: Collection[str] | Mapping[str, str] = ()) -> PlaceIndex:
     """msls.build_msls_split for "msls", folders.build_folder_split for "folders", build_vg_split for every other
-    dataset name."""
+    dataset name; `exclude` leaves images out (relative path -> reason)."""
     thresholds = dict(
-        positive_dist_threshold=positive_dist_threshold, train_positive_dist_threshold=train_positive_dist_threshold
+        positive_dist_threshold=request.positive_dist_threshold,
+        train_positive_dist_threshold=request.train_positive_dist_threshold,
     )
-    if dataset_name == FOLDERS_NAME:
-        if database_folder is None or queries_folder is None:
+    datasets_folder = Path(request.datasets_folder)
+    if request.dataset_name == FOLDERS_NAME:
+        if request.database_folder is None or request.queries_folder is None:
             raise ValueError(f"dataset '{FOLDERS_NAME}' needs database_folder and queries_folder")
         return build_folder_split(
-            database_folder,
-            queries_folder,
-            positive_dist_threshold=positive_dist_threshold,
+            request.database_folder,
+            request.queries_folder,
+            positive_dist_threshold=request.positive_dist_threshold,
             exclude=exclude,
-            image_size=image_size,
+            image_size=request.image_size,
         )
-    if dataset_name == "msls":
-        return build_msls_split(datasets_folder, split, exclude=exclude, cache_dir=msls_cache_dir, **thresholds)
-    return build_vg_split(datasets_folder, dataset_name, split, exclude=exclude, **thresholds)
+    if request.dataset_name == "msls":
+        return build_msls_split(
+            datasets_folder, request.split, exclude=exclude, cache_dir=request.msls_cache_dir, **thresholds
+        )
+    return build_vg_split(datasets_folder, request.dataset_name, request.split, exclude=exclude, **thresholds)
 
 
 def _make_toy_world_if_missing(datasets_folder: Path, split: str) -> None:

@@ -46,7 +46,7 @@ from model.network import PRGSNetwork
 from model.reranker import RerankKernel, match_probability, rerank_kernel, stage_grids
 from places.images import image_tensor, open_rgb_image
 from places.index import DatasetError, PlaceIndex
-from places.msls import msls_map_at_k, write_msls_submission, zip_msls_submission
+from places.msls_protocol import msls_map_at_k, write_msls_submission, zip_msls_submission
 from retrieval import (
     all_cores_for_faiss,
     approximate_knn,

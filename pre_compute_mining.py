@@ -16,8 +16,8 @@ import numpy as np
 
 import distributed
 import runs
-from config import model_options, split_options
-from datasets_ws import load_split
+from config import model_options
+from datasets_ws import load_split, split_request
 from extraction import global_descriptors
 from mining import (
     dataset_fingerprints,
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> str:
     args = parse_mining_args(argv)
     with runs.start_run(args, output_files=[args.output]) as run:
-        index = load_split(args.datasets_folder, args.dataset_name, "train", **split_options(args))
+        index = load_split(split_request(args, "train"))
         model, checkpoint = build_model(args.model_config, **model_options(args))
         if checkpoint is None:
             logger.warning("no --resume: mining with an untrained global model gives poor negatives")

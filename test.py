@@ -16,8 +16,8 @@ import logging
 import distributed
 import runs
 import util
-from config import model_options, split_options
-from datasets_ws import load_split
+from config import model_options
+from datasets_ws import load_split, split_request
 from evaluation import (
     build_results,
     eval_settings,
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> dict:
     args = parse_test_args(argv)
     with runs.start_run(args) as run:
-        index = load_split(args.datasets_folder, args.dataset_name, args.split, **split_options(args))
+        index = load_split(split_request(args, args.split))
         if index.queries_num == 0:
             raise util.PRGSError(f"{index.summary()} has no queries to evaluate")
         model, checkpoint = build_model(args.model_config, **model_options(args))

@@ -12,8 +12,8 @@ checkpoints.
 from __future__ import annotations
 
 import runs
-from config import model_options, resumes_into_output_folder, split_options
-from datasets_ws import load_split
+from config import model_options, resumes_into_output_folder
+from datasets_ws import load_split, split_request
 from model.checkpoint import build_model
 from parser import parse_train_args
 from training import Trainer, TrainingSplits
@@ -23,10 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_train_args(argv)
     with runs.start_run(args, resumes_in_place=resumes_into_output_folder(args)) as run:
         splits = TrainingSplits(
-            *(
-                load_split(args.datasets_folder, args.dataset_name, split, **split_options(args))
-                for split in ("train", "val", args.test_split)
-            )
+            *(load_split(split_request(args, split)) for split in ("train", "val", args.test_split))
         )
         model, checkpoint = build_model(args.model_config, **model_options(args))
         trainer = Trainer(model.to(run.device), checkpoint, splits, args, run)

@@ -33,7 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from datasets_ws import load_split  # noqa: E402
+from datasets_ws import SplitRequest, load_split  # noqa: E402
 from extraction import global_descriptors  # noqa: E402
 from model.network import ModelConfig, PRGSNetwork  # noqa: E402
 from places import toy_world  # noqa: E402
@@ -85,7 +85,7 @@ def gpu_part(data: Path, out: Path, workers: int) -> dict:
 
 def toy_descriptors(data: Path, device: torch.device) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Global descriptors of the toy world's train split (toy preset, random weights): database, queries, positives."""
-    index = load_split(data, "toy_world", "train")
+    index = load_split(SplitRequest(data, "toy_world", "train"))
     torch.manual_seed(0)
     model = PRGSNetwork(ModelConfig(backbone="deit_micro", image_size=(144, 192), local_dim=32)).to(device)
     descriptors = global_descriptors(model, index, np.arange(len(index)), (144, 192), device, 64, 4)

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets_ws import load_split  # noqa: E402
+from datasets_ws import SplitRequest, load_split  # noqa: E402
 from evaluation import EvalSettings, evaluate  # noqa: E402
 from model.checkpoint import build_model  # noqa: E402
 from model.network import ModelConfig  # noqa: E402
@@ -142,7 +142,7 @@ def main() -> None:
     model, _ = build_model(ModelConfig(), resume=str(args.checkpoint))
     model = model.to(device).eval()
     names = ("test",) if args.smoke else ("test", "val", "train")
-    splits = {name: load_split(args.datasets_folder, "toy_world", name) for name in names}
+    splits = {name: load_split(SplitRequest(args.datasets_folder, "toy_world", name)) for name in names}
     top = 5 if args.smoke else 20
     base = EvalSettings(model.config.image_size, device, infer_batch_size=64, num_workers=args.num_workers,
                         rerank_top=top, rerank_batch_size=8, recall_values=[1, 5, 10, 20])  # fmt: skip

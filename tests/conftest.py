@@ -47,14 +47,14 @@ def trained_toy_checkpoint(small_toy_world, tmp_path_factory) -> Path:
 
     import losses
     import training
-    from datasets_ws import load_split
+    from datasets_ws import SplitRequest, load_split
     from mining import TupleMiner
     from model.checkpoint import save_model
     from model.network import ModelConfig, PRGSNetwork
 
     torch.manual_seed(1)
     model = PRGSNetwork(ModelConfig(backbone="deit_micro", image_size=(144, 192), local_dim=32))
-    index = load_split(small_toy_world, "toy_world", "train")
+    index = load_split(SplitRequest(small_toy_world, "toy_world", "train"))
     trainable = training.configure_stage(model, "reranker")
     optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.03)
     cache = training.FrozenBackboneCache(model, index, (144, 192), torch.device("cpu"), 32, 0, "fp32")

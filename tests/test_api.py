@@ -12,7 +12,7 @@ import torch
 
 import api
 import evaluation
-from datasets_ws import ImageDataset, load_split
+from datasets_ws import ImageDataset, SplitRequest, load_split
 from model.checkpoint import build_model
 from model.correspondences import cross_graph_attention, graph_attention, stage_node_boxes
 from model.network import ModelConfig
@@ -25,7 +25,7 @@ IMAGE_SIZE = (144, 192)
 
 @pytest.fixture(scope="module")
 def toy_test_split(small_toy_world):
-    return load_split(small_toy_world, "toy_world", "test")
+    return load_split(SplitRequest(small_toy_world, "toy_world", "test"))
 
 
 @pytest.fixture(scope="module")

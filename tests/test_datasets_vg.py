@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import datasets_ws
-from datasets_ws import ImageDataset, load_split
+from datasets_ws import ImageDataset, SplitRequest, load_split
 from places import images
 from places.images import IMAGENET_MEAN, IMAGENET_STD, BadImageError, find_unreadable_images, load_image
 from places.index import DatasetError, PlaceIndex, positives_within_radius, without_images
@@ -202,7 +202,7 @@ def test_load_split_skip_bad_images_excludes_and_reports(tmp_path, caplog):
     make_vg_dataset(tmp_path)
     truncated, text_file = corrupt_images(tmp_path / "tiny" / "images" / "val")
     with caplog.at_level(logging.INFO, logger="datasets_ws"):
-        index = load_split(tmp_path, "tiny", "val", skip_bad_images=True)
+        index = load_split(SplitRequest(tmp_path, "tiny", "val", skip_bad_images=True))
     assert (index.database_num, index.queries_num) == (5, 3)
     assert sorted(Path(path).name for path, _ in index.excluded) == sorted([truncated.name, text_file.name])
     assert "leaving out 2 unreadable images" in caplog.text and truncated.name in caplog.text
@@ -212,7 +212,7 @@ def test_load_split_skip_bad_images_excludes_and_reports(tmp_path, caplog):
         np.testing.assert_array_equal(found, expected)
     images = [ImageDataset(index, (IMAGE_HEIGHT, IMAGE_WIDTH))[i][0] for i in range(len(index))]
     assert len(images) == 8
-    unchecked = load_split(tmp_path, "tiny", "val")  # without the flag nothing is scanned
+    unchecked = load_split(SplitRequest(tmp_path, "tiny", "val"))  # without the flag nothing is scanned
     assert (unchecked.database_num, unchecked.queries_num, unchecked.excluded) == (6, 4, [])
 
 
@@ -269,9 +269,9 @@ def test_load_split_generates_the_toy_world_once(tmp_path, monkeypatch):
         make_toy_world=make_toy_world, read_manifest=read_manifest, TOY_WORLD_NAME="toy_world", GENERATOR_VERSION=7
     )
     monkeypatch.setattr(datasets_ws, "toy_world", fake_module)
-    index = load_split(tmp_path / "data", "toy_world", "val")
+    index = load_split(SplitRequest(tmp_path / "data", "toy_world", "val"))
     assert index.name == "toy_world/val" and (index.database_num, index.queries_num) == (6, 4)
-    load_split(tmp_path / "data", "toy_world", "val")
+    load_split(SplitRequest(tmp_path / "data", "toy_world", "val"))
     assert calls == [tmp_path / "data"]
 
 

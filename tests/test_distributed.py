@@ -22,7 +22,7 @@ import retrieval
 import test as test_script
 import train_reranking
 import training
-from datasets_ws import load_split
+from datasets_ws import SplitRequest, load_split
 from feature_store import LocalFeatureStore
 from model.network import ModelConfig, PRGSNetwork
 from retrieval import RetrievalError, approximate_knn, exact_knn, recall_at_n
@@ -108,7 +108,7 @@ def test_the_ranks_stores_read_as_one(tmp_path):
 def test_the_frozen_backbone_cache_is_split_in_whole_batches(small_toy_world, monkeypatch):
     """Each rank caches its whole batches; concatenated in rank order they are the one-process cache, bit for bit."""
     model = PRGSNetwork(ModelConfig(backbone="deit_micro", image_size=(144, 192), local_dim=32)).eval()
-    index = load_split(small_toy_world, "toy_world", "val")
+    index = load_split(SplitRequest(small_toy_world, "toy_world", "val"))
     arguments = (model, index, (144, 192), torch.device("cpu"), 16, 0, "fp32")
     whole = training.FrozenBackboneCache(*arguments)
     parts = []
@@ -264,7 +264,7 @@ def test_two_ranks_test_py_predicts_what_one_process_does(small_toy_world, train
 def test_a_rank_that_fails_stops_the_run_with_its_error(small_toy_world, tmp_path):
     datasets = tmp_path / "datasets"
     shutil.copytree(small_toy_world, datasets)
-    index = load_split(datasets, "toy_world", "test")
+    index = load_split(SplitRequest(datasets, "toy_world", "test"))
     broken = index.root / index.database_paths[30]  # in rank 1's batches (16..37 of 38, batch 16)
     broken.write_bytes(broken.read_bytes()[:200])
     completed = torchrun(

@@ -9,7 +9,7 @@ import torch
 
 import evaluation
 import test as test_script
-from datasets_ws import ImageDataset, load_split
+from datasets_ws import ImageDataset, SplitRequest, load_split
 from feature_store import REFERENCE_BYTES_PER_IMAGE, LocalFeatureStore
 from model.network import ModelConfig
 from retrieval import exact_knn, fused_scores, paired_bootstrap, recall_at_n
@@ -114,7 +114,7 @@ def test_reranked_order_from_the_store_equals_float32_in_memory(
 
     model, _ = build_model(ModelConfig(), resume=trained_toy_checkpoint)
     model.eval()
-    index = load_split(small_toy_world, "toy_world", "test")
+    index = load_split(SplitRequest(small_toy_world, "toy_world", "test"))
     settings = evaluation.EvalSettings(
         image_size=(144, 192),
         device=torch.device("cpu"),
@@ -149,7 +149,7 @@ def test_precomputed_stage0_gives_the_plain_order(
     from model.checkpoint import build_model
 
     model, _ = build_model(ModelConfig(), resume=trained_toy_checkpoint)
-    index = load_split(small_toy_world, "toy_world", "test")
+    index = load_split(SplitRequest(small_toy_world, "toy_world", "test"))
     settings = evaluation.EvalSettings(
         image_size=(144, 192), device=torch.device("cpu"), infer_batch_size=16, num_workers=0, rerank_top=10,
         rerank_batch_size=4, rerank_kernel="stage0", store_dtype=store_dtype, store_tier="disk",

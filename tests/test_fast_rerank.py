@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import evaluation
-from datasets_ws import load_split
+from datasets_ws import SplitRequest, load_split
 from extraction import image_batches
 from feature_store import LocalFeatureStore, MemoryFeatureStore, StoreLayout, choose_tier, create_store
 from model.l2_attention import l2_graph_attention, round_to_tf32, split_width
@@ -251,7 +251,7 @@ def test_a_kernel_refuses_a_store_of_the_other_content(tmp_path):
 
 
 def test_uint8_loading_normalised_on_the_device_equals_load_image(small_toy_world):
-    index = load_split(small_toy_world, "toy_world", "test")
+    index = load_split(SplitRequest(small_toy_world, "toy_world", "test"))
     path = index.absolute_path(0)
     for size in ((144, 192), (96, 128)):  # the file's size, and a resize
         expected = load_image(path, size)
@@ -261,7 +261,7 @@ def test_uint8_loading_normalised_on_the_device_equals_load_image(small_toy_worl
 def test_torchvision_decoder_matches_pil(small_toy_world, tmp_path):
     """Decoding on the device (here the CPU: libjpeg through torchvision) gives PIL's pixels within one grey level;
     a PNG falls back to PIL, a broken JPEG is named."""
-    index = load_split(small_toy_world, "toy_world", "test")
+    index = load_split(SplitRequest(small_toy_world, "toy_world", "test"))
     paths = [index.absolute_path(i) for i in range(4)]
     png = tmp_path / "image.png"
     Image.open(paths[0]).save(png)
@@ -280,7 +280,7 @@ def test_torchvision_decoder_matches_pil(small_toy_world, tmp_path):
 
 
 def test_image_loop_gives_the_same_descriptors_with_either_decoder(small_toy_world):
-    index = load_split(small_toy_world, "toy_world", "test")
+    index = load_split(SplitRequest(small_toy_world, "toy_world", "test"))
     model = PRGSNetwork(ModelConfig(backbone="deit_micro", image_size=(144, 192), local_dim=32))
     outputs = {}
     for decoder in ("pil", "torchvision"):

@@ -25,7 +25,7 @@ import test as test_script
 import train_reranking
 import training
 import util
-from datasets_ws import load_split
+from datasets_ws import SplitRequest, load_split
 from mining import MiningFileError, dataset_fingerprints, image_file_stats, load_hard_negatives, save_hard_negatives
 from places.images import BadImageError, open_rgb_image, rgb_image
 from places.walk import find_images
@@ -301,10 +301,10 @@ def test_a_log_file_on_a_full_disk_warns_once_without_a_traceback(tmp_path, caps
 def test_a_symlink_loop_does_not_make_the_database_swallow_the_queries(small_toy_world, tmp_path, caplog):
     datasets = copy_world(small_toy_world, tmp_path)
     split = datasets / "toy_world" / "images" / "test"
-    expected = load_split(datasets, "toy_world", "test")
+    expected = load_split(SplitRequest(datasets, "toy_world", "test"))
     os.symlink("..", split / "database" / "loop")  # database/loop/queries/... would be listed as database
     os.symlink(split / "queries", split / "database" / "queries_link")
-    index = load_split(datasets, "toy_world", "test")
+    index = load_split(SplitRequest(datasets, "toy_world", "test"))
     assert index.database_paths == expected.database_paths and index.queries_paths == expected.queries_paths
     assert "left out 2 symlinked folders, not followed" in caplog.text
     assert "loop" in caplog.text and "queries_link" in caplog.text
@@ -369,7 +369,7 @@ def test_image_modes_without_an_8_bit_meaning_are_refused_by_name(tmp_path):
 
 def test_an_image_replaced_in_place_makes_the_hard_negative_file_stale(small_toy_world, tmp_path, caplog):
     datasets = copy_world(small_toy_world, tmp_path)
-    index = load_split(datasets, "toy_world", "train")
+    index = load_split(SplitRequest(datasets, "toy_world", "train"))
     path = tmp_path / "hn.npz"
     negatives = np.tile(np.arange(10), (index.queries_num, 1))
 
@@ -505,7 +505,7 @@ def test_training_queries_come_in_random_order_seeded_and_resumable(interrupted_
 
 
 def test_an_empty_split_is_refused_before_evaluating(small_toy_world, tmp_path):
-    index = load_split(small_toy_world, "toy_world", "test")
+    index = load_split(SplitRequest(small_toy_world, "toy_world", "test"))
     from places.index import DatasetError, subset_index
 
     empty = subset_index(index, np.arange(index.database_num), np.empty(0, dtype=np.int64))

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets_ws import load_split
+from datasets_ws import SplitRequest, load_split
 from places import msls
 from places.index import DatasetError
-from places.msls import build_msls_split, msls_average_precision_at_k, msls_map_at_k, write_msls_submission
+from places.msls import build_msls_split
+from places.msls_protocol import msls_average_precision_at_k, msls_map_at_k, write_msls_submission
 from retrieval import recall_at_n
 
 # Column layouts of the real files (mapillary_sls reads them with pandas, index_col=0).
@@ -280,7 +281,7 @@ def test_exclude_and_skip_bad_images(msls_folder, caplog):
     sdb1 = msls_folder / "msls" / "train_val" / "sf" / "database" / "images" / "sdb1.jpg"
     sdb1.write_bytes(sdb1.read_bytes()[:100])
     with caplog.at_level(logging.INFO):
-        index = load_split(msls_folder, "msls", "val", skip_bad_images=True)
+        index = load_split(SplitRequest(msls_folder, "msls", "val", skip_bad_images=True))
     assert index.excluded[0][0] == "train_val/sf/database/images/sdb1.jpg"
     assert "sdb1.jpg" in caplog.text
     assert index.database_keys == ["cdb0", "cdb1", "sdb0"]

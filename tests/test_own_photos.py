@@ -18,7 +18,7 @@ from PIL.TiffImagePlugin import IFDRational
 
 import evaluation
 import test as test_script
-from datasets_ws import load_split
+from datasets_ws import SplitRequest, load_split
 from places.folders import build_folder_split, exif_gps_degrees, read_photo_info
 from places.images import open_rgb_image
 from places.index import DatasetError, utm_from_filename, vg_name_coordinates
@@ -98,7 +98,7 @@ def test_exif_gps_gives_the_recalls_of_vg_names(photo_folders, small_toy_world, 
     assert from_exif["recalls"] == from_names["recalls"]
     assert from_exif["dataset"]["name"] == "folders" and from_exif["dataset"]["split"] is None
     assert (from_exif["dataset"]["database_num"], from_exif["dataset"]["queries_num"]) == (38, 12)
-    toy = load_split(small_toy_world, "toy_world", "test")
+    toy = load_split(SplitRequest(small_toy_world, "toy_world", "test"))
     exif = build_folder_split(photo_folders / "exif" / "database", photo_folders / "exif" / "queries")
     np.testing.assert_allclose(exif.database_utms, toy.database_utms, atol=0.01)  # centimetres, as in the names
     for found, expected in zip(exif.soft_positives_per_query, toy.soft_positives_per_query):

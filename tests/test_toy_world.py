@@ -1,4 +1,4 @@
-"""Tests of the built-in toy-world generator (places/toy_world.py), on the `small` preset unless marked slow."""
+"""Tests of the built-in toy-world generator (places/toy_world/), on the `small` preset unless marked slow."""
 
 import dataclasses
 import json
@@ -256,7 +256,7 @@ def test_a_world_of_an_older_generator_version_is_made_again_with_its_own_config
     manifest = json.loads(manifest_path.read_text())
     manifest["generator_version"] = GENERATOR_VERSION - 1
     manifest_path.write_text(json.dumps(manifest))
-    index = datasets_ws.load_split(datasets_folder, "toy_world", "val")
+    index = datasets_ws.load_split(datasets_ws.SplitRequest(datasets_folder, "toy_world", "val"))
     assert index.queries_num == expected_counts(TINY)["val"]["queries"]
     rebuilt = read_manifest(datasets_folder / TOY_WORLD_NAME)
     assert rebuilt["generator_version"] == GENERATOR_VERSION and rebuilt["config"] == config_as_json(TINY)

@@ -13,7 +13,7 @@ import train_reranking
 import training
 import training_state
 from config import RESUME_FREE_GROUPS, resume_free_flags
-from datasets_ws import load_split
+from datasets_ws import SplitRequest, load_split
 from mining import (
     MiningFileError,
     TupleMiner,
@@ -274,7 +274,7 @@ def test_pre_compute_mining_writes_a_file_training_accepts(small_toy_world, tmp_
             "none",
         ]
     )
-    index = load_split(small_toy_world, "toy_world", "train")
+    index = load_split(SplitRequest(small_toy_world, "toy_world", "train"))
     negatives, metadata = load_hard_negatives(output, index, 20, "hint")
     assert negatives.shape == (index.queries_num, 20)
     assert metadata["num_hard_negatives"] == 20 and metadata["queries_num"] == index.queries_num
