@@ -13,7 +13,7 @@ import logging
 import math
 from pathlib import Path
 
-from evaluation import AUTO_IMAGE_DECODER, AUTO_RERANK_KERNEL
+from config import AUTO_IMAGE_DECODER, AUTO_RERANK_KERNEL
 from feature_store import DEVICE_MEMORY_SHARE, FEATURE_DTYPES, HOST_MEMORY_SHARE, TIERS
 from model.backbone import BACKBONES, patch_grid
 from model.checkpoint import CheckpointError, open_checkpoint

@@ -38,15 +38,17 @@ from tqdm import tqdm
 
 import distributed
 import util
+from config import eval_settings, output_options
 from datasets_ws import TupleDataset
-from evaluation import build_results, eval_settings, evaluate, recalls_by_name, recalls_table, write_outputs
-from extraction import global_descriptors, image_batches
+from evaluation import evaluate
+from extraction import ExtractionSettings, FrozenBackboneCache, global_descriptors
+from metrics import first_correct_rank, paired_bootstrap
 from mining import MiningError, TupleMiner, Tuples, file_sha1, load_hard_negatives
 from model.backbone import patch_grid
 from model.checkpoint import LoadedCheckpoint, load_weights, open_checkpoint, save_model
 from model.network import PRGSNetwork
+from outputs import build_results, recalls_by_name, recalls_table, write_outputs
 from places.index import DatasetError, PlaceIndex
-from retrieval import first_correct_rank, paired_bootstrap
 from visualize import save_training_curves
 
 logger = logging.getLogger(__name__)
@@ -138,62 +140,6 @@ class TupleObjective(torch.nn.Module):
         local = self.cache.local(self.model, image_ids.flatten(), self.device)  # (B*T, L, C)
         loss = rerank_loss(self.model, local.reshape(*image_ids.shape, *local.shape[1:]), self.grid)
         return loss, {"rerank_ce": float(loss.detach())}
-
-
-class FrozenBackboneCache:
-    """Backbone outputs (tokens, attention) of every training image, computed once: with the backbone frozen
-    (stage reranker) they never change, so each step only runs local_head and the reranker."""
-
-    def __init__(
-        self,
-        model: PRGSNetwork,
-        index: PlaceIndex,
-        image_size: tuple[int, int],
-        device: torch.device,
-        batch_size: int,
-        num_workers: int,
-        precision: str,
-    ):
-        own = np.arange(len(index))[distributed.shard_bounds(len(index), batch_size)]  # this rank's whole batches
-        descriptors, tokens, attention = [], [], []
-        with distributed.stop_together("caching frozen backbone outputs"):
-            for _, out in image_batches(
-                model,
-                lambda images: model.backbone_outputs(images, with_local=True),
-                index,
-                own,
-                image_size,
-                device,
-                batch_size,
-                num_workers,
-                precision,
-                "caching frozen backbone outputs",
-            ):
-                descriptors.append(out.global_descriptor.float().cpu())
-                tokens.append(out.tokens.float().cpu())
-                attention.append(out.attention.float().cpu())
-        grid = patch_grid(image_size)
-        num_nodes = grid[0] * grid[1]
-        self.descriptors = distributed.gather_rows(_cat(descriptors, model.config.fc_output_dim)).numpy()  # (N, D)
-        self.tokens = distributed.gather_rows(_cat(tokens, num_nodes, model.backbone.token_dim))  # (N, L, C)
-        self.attention = distributed.gather_rows(_cat(attention, num_nodes))  # (N, L)
-        self.image_size = tuple(image_size)
-        logger.info(
-            "cached frozen backbone outputs of %d images (%.0f MB)",
-            len(self.tokens),
-            (self.tokens.numel() + self.attention.numel()) * 4 / 2**20,
-        )
-
-    def local(self, model: PRGSNetwork, image_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Nodes (n, L, C) of the images ``image_ids`` (global indices), through the current local_head."""
-        return model.local_nodes(
-            self.tokens[image_ids].to(device), self.attention[image_ids].to(device), self.image_size
-        )
-
-
-def _cat(parts: list[torch.Tensor], *row_shape: int) -> torch.Tensor:
-    """torch.cat(parts), or an empty (0, *row_shape) tensor for a rank that had no images."""
-    return torch.cat(parts) if parts else torch.empty(0, *row_shape)
 
 
 def triplet_loss(descriptors: torch.Tensor, margin: float) -> torch.Tensor:
@@ -531,15 +477,8 @@ class Trainer:
         """Epochs until --epochs_num, early stopping or --max_steps; returns which of the three stopped it."""
         args = self.args
         if args.cache_frozen_backbone:
-            self.cache = FrozenBackboneCache(
-                self.model,
-                self.splits.train,
-                args.resize,
-                self.device,
-                args.infer_batch_size,
-                args.num_workers,
-                args.precision,
-            )
+            loop = ExtractionSettings(args.resize, self.device, args.infer_batch_size, args.num_workers, args.precision)
+            self.cache = FrozenBackboneCache(self.model, self.splits.train, loop)
         objective = TupleObjective(self.model, args.train_stage, args.margin, self.grid, self.cache, self.device)
         self.objective = distributed.wrap_for_training(objective, self.device)
         if args.cache_refresh_rate > self.splits.train.queries_num:
@@ -583,17 +522,8 @@ class Trainer:
         if self.cache is not None:
             return self.cache.descriptors[image_ids]
         args = self.args
-        return global_descriptors(
-            self.model,
-            self.splits.train,
-            image_ids,
-            args.resize,
-            self.device,
-            args.infer_batch_size,
-            args.num_workers,
-            args.precision,
-            "mining descriptors",
-        )
+        loop = ExtractionSettings(args.resize, self.device, args.infer_batch_size, args.num_workers, args.precision)
+        return global_descriptors(self.model, self.splits.train, image_ids, loop, "mining descriptors")
 
     def _batches(self, tuples: Tuples):
         """(images (b, T, 3, H, W) or None when the cache holds the backbone outputs, image ids (b, T)) of the
@@ -782,18 +712,20 @@ class Trainer:
         hits_after = self._test_hits(after)
         if hits_after is not None and self.hits_before is not None:
             self.results["test_margins"] = test_margins(self.hits_before, hits_after, self.args.recall_values[0])
+        options = output_options(self.args)
         test_results = build_results(
-            self.args,
-            self.args.test_split,
-            self.splits.test,
-            self.model,
-            best,
             after,
-            self.device,
-            time.perf_counter() - test_started,
+            self.splits.test,
+            self.args.test_split,
+            options,
+            model=self.model,
+            checkpoint=best,
+            device=self.device,
+            seconds=time.perf_counter() - test_started,
+            configuration=util.plain_args(self.args),
         )
         if distributed.is_main():
-            write_outputs(self.args, self.run.folder / "test", self.splits.test, after, test_results)
+            write_outputs(self.run.folder / "test", self.splits.test, after, test_results, options)
         logger.info(
             "test of the best model (epoch %d) on %s:\n%s",
             self.state.best_epoch,
