@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 import distributed
 import util
 from config import eval_settings, output_options
@@ -59,7 +61,7 @@ def load_test_split(args) -> PlaceIndex:
     return index
 
 
-def load_model(args, device) -> tuple[PRGSNetwork, LoadedCheckpoint | None]:
+def load_model(args, device: torch.device) -> tuple[PRGSNetwork, LoadedCheckpoint | None]:
     """The network from --resume (or untrained, with a warning) on ``device``, and its checkpoint."""
     model, checkpoint = build_model(args.model_config, **model_options(args))
     if checkpoint is None:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import extraction
+import parser as prgs_parser
 import reranking
 import test as test_script
 from config import EvalSettings
@@ -313,3 +315,15 @@ def test_paired_bootstrap_gives_the_difference_and_a_sensible_interval():
     assert 9.0 < low < 10.5 and 19.5 < high < 21.0
     with pytest.raises(ValueError, match="equally long"):
         paired_bootstrap(a, b[:10])
+
+
+@pytest.mark.parametrize("build", ["test_parser", "train_parser"])
+def test_the_settings_objects_are_built_from_flags_of_the_same_names(build):
+    """config.eval_settings and config.output_options take each field from the flag of the same name: every field
+    but the derived ones is a flag of both evaluating entry points (test.py's alone has --rerank_pictures)."""
+    flags = {action.dest for action in getattr(prgs_parser, build)()._actions}
+    eval_fields = {f.name for f in dataclasses.fields(EvalSettings)} - set(config._DERIVED_EVAL_FIELDS)
+    assert eval_fields <= flags and "resize" in flags
+    output_fields = {f.name for f in dataclasses.fields(config.OutputOptions)}
+    assert output_fields - {"rerank_pictures"} <= flags
+    assert ("rerank_pictures" in flags) == (build == "test_parser")
