@@ -393,7 +393,7 @@ class LocalFeatureStore(StoreReader):
 class ShardedStore(StoreReader):
     """The disk stores of several ranks (one LocalFeatureStore each, in <folder>/rank_<r>) read as one: the rows of
     an image come from the store of the rank that extracted it. ``holder`` (N,) is that rank and ``rows`` (N,) the
-    row in its store, for every image of the split (evaluation.shard_layout). Reads like a LocalFeatureStore."""
+    row in its store, for every image of the split (extraction.shard_layout). Reads like a LocalFeatureStore."""
 
     tier = "disk"
 

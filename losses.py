@@ -22,7 +22,7 @@ from model.network import PRGSNetwork
 
 
 class BackboneOutputsCache(Protocol):
-    """What ``TupleObjective`` needs of a cache of the frozen backbone's outputs (training.FrozenBackboneCache)."""
+    """What ``TupleObjective`` needs of a cache of the frozen backbone's outputs (extraction.FrozenBackboneCache)."""
 
     def local(self, model: PRGSNetwork, image_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Nodes (n, L, C) of the images ``image_ids`` (global indices), through the current local_head."""

@@ -7,8 +7,15 @@ from __future__ import annotations
 import argparse
 import math
 
-from config import auto_text, complete_mining_args, complete_test_args, complete_train_args, preset_text
-from evaluation import AUTO_IMAGE_DECODER, AUTO_RERANK_KERNEL
+from config import (
+    AUTO_IMAGE_DECODER,
+    AUTO_RERANK_KERNEL,
+    auto_text,
+    complete_mining_args,
+    complete_test_args,
+    complete_train_args,
+    preset_text,
+)
 from feature_store import DEVICE_MEMORY_SHARE, FEATURE_DTYPES, HOST_MEMORY_SHARE, TIERS
 from model.backbone import BACKBONES
 from model.network import INPUT_NORMS, LOCAL_HEAD_INITS

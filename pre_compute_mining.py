@@ -18,7 +18,7 @@ import distributed
 import runs
 from config import model_options
 from datasets_ws import load_split, split_request
-from extraction import global_descriptors
+from extraction import ExtractionSettings, global_descriptors
 from mining import (
     dataset_fingerprints,
     file_sha1,
@@ -40,17 +40,11 @@ def main(argv: list[str] | None = None) -> str:
         if checkpoint is None:
             logger.warning("no --resume: mining with an untrained global model gives poor negatives")
         model = model.to(run.device)
-        descriptors = global_descriptors(
-            model,
-            index,
-            np.arange(len(index)),
-            args.resize,
-            run.device,
-            args.infer_batch_size,
-            args.num_workers,
-            args.precision,
+        loop = ExtractionSettings(
+            args.resize, run.device, args.infer_batch_size, args.num_workers, args.precision,
             preprocessing=args.preprocessing,
-        )
+        )  # fmt: skip
+        descriptors = global_descriptors(model, index, np.arange(len(index)), loop)
         if not distributed.is_main():  # every rank extracts its share; rank 0 mines and writes
             return args.output
         hard_negatives = hard_negatives_from_descriptors(

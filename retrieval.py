@@ -1,18 +1,22 @@
-"""Global retrieval with faiss (exact L2, or an approximate index from an index-factory string), on every visible GPU
-with faiss-gpu, recall@N, and the optional fusion of reranker and global scores."""
+"""Global retrieval, where the shortlist comes from: faiss search of the global descriptors (exact L2, or an
+approximate index from an index-factory string), on every visible GPU with faiss-gpu. Under torchrun rank 0 searches
+and every rank receives the result (global_retrieval)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import faiss
 import numpy as np
 import torch
 
+import distributed
+from config import EvalSettings
 from util import PRGSError
 
 logger = logging.getLogger(__name__)
@@ -20,6 +24,45 @@ logger = logging.getLogger(__name__)
 
 class RetrievalError(PRGSError, ValueError):
     """A --faiss_index that faiss cannot build, train or search as asked."""
+
+
+def global_retrieval(
+    database: np.ndarray, queries: np.ndarray, k: int, settings: EvalSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """The k nearest database descriptors of each query: (squared distances, predictions) (Nq, k), exact faiss
+    search or the settings.faiss_index index; with the latter also exact search's predictions (to report its recalls
+    beside the index's), else None; and a report of the index and its timings. Rank 0 searches, every rank receives
+    the result."""
+    result = None
+    with distributed.stop_together("searching the database"):
+        if distributed.is_main():
+            result = _search(database, queries, k, settings)
+    return distributed.broadcast_object(result)
+
+
+def _search(
+    database: np.ndarray, queries: np.ndarray, k: int, settings: EvalSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+    """global_retrieval's search, in the process that runs it (with every core when the other ranks wait)."""
+    with all_cores_for_faiss() if distributed.world_size() > 1 else contextlib.nullcontext():
+        start = time.perf_counter()
+        distances, predictions = exact_knn(database, queries, k, settings.device)
+        exact_ms = 1000 * (time.perf_counter() - start) / max(1, len(queries))
+        report = {"index": "Flat", "faiss_gpu": faiss_uses_gpu(settings.device), "ms_per_query": exact_ms}
+        if settings.faiss_index is None:
+            return distances, predictions, None, report
+        approximate = approximate_knn(
+            database,
+            queries,
+            k,
+            settings.faiss_index,
+            settings.faiss_nprobe,
+            settings.faiss_train_size,
+            settings.device,
+        )
+    report.update(index=settings.faiss_index, nprobe=settings.faiss_nprobe, exact_ms_per_query=exact_ms)
+    report.update(train_size=min(settings.faiss_train_size, len(database)), **approximate[2])
+    return approximate[0], approximate[1], predictions, report
 
 
 def faiss_uses_gpu(device: torch.device | None) -> bool:
@@ -174,51 +217,3 @@ def clamp_top_k(requested: int, database_num: int, what: str = "--rerank_top") -
         )
         return database_num
     return requested
-
-
-def recall_at_n(
-    predictions: np.ndarray, positives: Sequence[np.ndarray], recall_values: Sequence[int]
-) -> dict[int, float]:
-    """Percent of queries with a positive among the first N predictions, for each N (VG benchmark and MSLS
-    definition). predictions (Nq, K); an N larger than K counts all K columns."""
-    if len(predictions) != len(positives):
-        raise ValueError(f"{len(predictions)} prediction rows for {len(positives)} queries")
-    first_hit = first_correct_rank(predictions, positives)  # (Nq,) 0-based, K when none
-    columns = predictions.shape[1]
-    return {n: float(100.0 * np.mean(first_hit < min(n, columns))) if len(first_hit) else 0.0 for n in recall_values}
-
-
-def first_correct_rank(predictions: np.ndarray, positives: Sequence[np.ndarray]) -> np.ndarray:
-    """0-based rank of the first positive in each row of predictions (Nq, K), or K when there is none."""
-    ranks = np.full(len(predictions), predictions.shape[1], dtype=np.int64)
-    for query, (row, query_positives) in enumerate(zip(predictions, positives)):
-        hits = np.flatnonzero(np.isin(row, query_positives))
-        if len(hits):
-            ranks[query] = hits[0]
-    return ranks
-
-
-def paired_bootstrap(
-    hits_a: np.ndarray, hits_b: np.ndarray, resamples: int = 10_000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float, float]:
-    """Difference of two recalls on the same queries with its bootstrap confidence interval, in points.
-
-    hits_a, hits_b (Nq,) bool: per query, whether ranking a / b is correct (e.g. a positive at rank 1). Queries are
-    resampled with replacement, the same ones for both rankings (a paired bootstrap), ``resamples`` times. Returns
-    (100 * mean(a - b), lower, upper), the bounds being the (1 - level) / 2 and (1 + level) / 2 quantiles.
-    """
-    if hits_a.shape != hits_b.shape or hits_a.ndim != 1 or not len(hits_a):
-        raise ValueError(f"need two equally long non-empty rows of hits, got {hits_a.shape} and {hits_b.shape}")
-    differences = hits_a.astype(np.float64) - hits_b.astype(np.float64)  # (Nq,) in {-1, 0, 1}
-    samples = np.random.default_rng(seed).integers(len(differences), size=(resamples, len(differences)))
-    means = differences[samples].mean(axis=1)  # (resamples,)
-    lower, upper = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(100.0 * differences.mean()), float(100.0 * lower), float(100.0 * upper)
-
-
-def fused_scores(probabilities: np.ndarray, squared_distances: np.ndarray, weight: float) -> np.ndarray:
-    """(1 - w) * P(same place) + w * (1 + cos) / 2, with cos = 1 - d^2 / 2 for unit descriptors; w = 0 -> P."""
-    if weight == 0.0:
-        return probabilities
-    cosine = 1.0 - squared_distances / 2.0
-    return (1.0 - weight) * probabilities + weight * (1.0 + cosine) / 2.0

@@ -13,70 +13,81 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 import distributed
 import runs
 import util
-from config import model_options
+from config import eval_settings, model_options, output_options
 from datasets_ws import load_split, split_request
-from evaluation import (
-    build_results,
-    eval_settings,
-    evaluate,
-    pictured_queries,
-    recalls_table,
-    save_rerank_pictures,
-    write_outputs,
-)
-from model.checkpoint import build_model
+from evaluation import evaluate
+from model.checkpoint import LoadedCheckpoint, build_model
+from model.network import PRGSNetwork
+from outputs import build_results, recalls_table, write_outputs, write_rerank_pictures
 from parser import parse_test_args
 from places.folders import FOLDERS_NAME
+from places.index import PlaceIndex
 from retrieval import faiss_uses_gpu
 
 logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """test.py's flags (parser.test_parser) -> results.json's content (docs/outputs.md), written in the run folder."""
     args = parse_test_args(argv)
     with runs.start_run(args) as run:
-        index = load_split(split_request(args, args.split))
-        if index.queries_num == 0:
-            raise util.PRGSError(f"{index.summary()} has no queries to evaluate")
-        model, checkpoint = build_model(args.model_config, **model_options(args))
-        if checkpoint is None:
-            logger.warning(
-                "no --resume checkpoint: local_head and the reranker are untrained, so reranked recalls are "
-                "those of a random reranker"
-            )
-        model = model.to(run.device)
-        logger.info(
-            "model: %s, input %dx%d, %d nodes kept per image, %s preprocessing; device %s%s",
-            model.config.backbone,
-            *args.resize,
-            model.config.num_kept_nodes,
-            args.preprocessing,
-            run.device,
-            " (faiss on GPU)" if faiss_uses_gpu(run.device) else "",
-        )
+        index = load_test_split(args)
+        model, checkpoint = load_model(args, run.device)
         settings = eval_settings(args, run.device)
         evaluation = evaluate(model, index, settings, run.folder)
+        options = output_options(args)
         split = None if args.dataset_name == FOLDERS_NAME else args.split
-        results = build_results(args, split, index, model, checkpoint, evaluation, run.device, run.seconds())
+        results = build_results(
+            evaluation,
+            index,
+            split,
+            options,
+            model=model,
+            checkpoint=checkpoint,
+            device=run.device,
+            seconds=run.seconds(),
+            configuration=runs.plain_args(args),
+        )
         if distributed.is_main():
-            write_outputs(args, run.folder, index, evaluation, results)
-            _save_rerank_pictures(args, run, model, index, evaluation, settings)
+            write_outputs(run.folder, index, evaluation, results, options)
+            write_rerank_pictures(run.folder, model, index, evaluation, settings, options)
             logger.info("%s\n%s", index.summary(), recalls_table(evaluation))
             logger.info("results: %s", run.folder / "results.json")
     return results
 
 
-def _save_rerank_pictures(args, run, model, index, evaluation, settings) -> None:
-    """With --rerank_pictures K: what the cross graphs matched for the reranked top-K of the pictured queries."""
-    if args.rerank_pictures > 0:
-        queries = pictured_queries(index, evaluation, args.num_queries_to_save, args.save_only_wrong_preds)
-        saved = save_rerank_pictures(
-            run.folder / "reranking", model, index, evaluation, settings, queries, args.rerank_pictures
+def load_test_split(args) -> PlaceIndex:
+    """The split to evaluate (a dataset's split or two folders of photos); refused when it has no queries."""
+    index = load_split(split_request(args, args.split))
+    if index.queries_num == 0:
+        raise util.PRGSError(f"{index.summary()} has no queries to evaluate")
+    return index
+
+
+def load_model(args, device: torch.device) -> tuple[PRGSNetwork, LoadedCheckpoint | None]:
+    """The network from --resume (or untrained, with a warning) on ``device``, and its checkpoint."""
+    model, checkpoint = build_model(args.model_config, **model_options(args))
+    if checkpoint is None:
+        logger.warning(
+            "no --resume checkpoint: local_head and the reranker are untrained, so reranked recalls are "
+            "those of a random reranker"
         )
-        logger.info("saved %d reranking pictures in %s", saved, run.folder / "reranking")
+    model = model.to(device)
+    logger.info(
+        "model: %s, input %dx%d, %d nodes kept per image, %s preprocessing; device %s%s",
+        model.config.backbone,
+        *args.resize,
+        model.config.num_kept_nodes,
+        args.preprocessing,
+        device,
+        " (faiss on GPU)" if faiss_uses_gpu(device) else "",
+    )
+    return model, checkpoint
 
 
 if __name__ == "__main__":

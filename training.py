@@ -29,14 +29,16 @@ from tqdm import tqdm
 import distributed
 import runs
 import util
+from config import eval_settings
 from datasets_ws import TupleDataset
-from evaluation import Evaluation, eval_settings, evaluate, recalls_by_name, recalls_table
-from extraction import global_descriptors, image_batches
+from evaluation import Evaluation, evaluate
+from extraction import ExtractionSettings, FrozenBackboneCache, global_descriptors
 from losses import TupleObjective
 from mining import MiningError, TupleMiner, Tuples, file_sha1, load_hard_negatives
 from model.backbone import patch_grid
 from model.checkpoint import LoadedCheckpoint, load_weights, open_checkpoint, save_model
 from model.network import PRGSNetwork
+from outputs import recalls_by_name, recalls_table
 from places.index import DatasetError, PlaceIndex
 from training_report import TrainingReport, save_curves
 from training_state import lr_factor, save_training_checkpoint, start_or_resume
@@ -64,62 +66,6 @@ def set_train_mode(model: PRGSNetwork, stage: str) -> None:
     """Training mode, except a frozen backbone stays in eval mode (BatchNorm statistics of a ResNet stay fixed)."""
     model.train()
     model.backbone.train(stage != "reranker")
-
-
-class FrozenBackboneCache:
-    """Backbone outputs (tokens, attention) of every training image, computed once: with the backbone frozen
-    (stage reranker) they never change, so each step only runs local_head and the reranker."""
-
-    def __init__(
-        self,
-        model: PRGSNetwork,
-        index: PlaceIndex,
-        image_size: tuple[int, int],
-        device: torch.device,
-        batch_size: int,
-        num_workers: int,
-        precision: str,
-    ):
-        own = np.arange(len(index))[distributed.shard_bounds(len(index), batch_size)]  # this rank's whole batches
-        descriptors, tokens, attention = [], [], []
-        with distributed.stop_together("caching frozen backbone outputs"):
-            for _, out in image_batches(
-                model,
-                lambda images: model.backbone_outputs(images, with_local=True),
-                index,
-                own,
-                image_size,
-                device,
-                batch_size,
-                num_workers,
-                precision,
-                "caching frozen backbone outputs",
-            ):
-                descriptors.append(out.global_descriptor.float().cpu())
-                tokens.append(out.tokens.float().cpu())
-                attention.append(out.attention.float().cpu())
-        grid = patch_grid(image_size)
-        num_nodes = grid[0] * grid[1]
-        self.descriptors = distributed.gather_rows(_cat(descriptors, model.config.fc_output_dim)).numpy()  # (N, D)
-        self.tokens = distributed.gather_rows(_cat(tokens, num_nodes, model.backbone.token_dim))  # (N, L, C)
-        self.attention = distributed.gather_rows(_cat(attention, num_nodes))  # (N, L)
-        self.image_size = tuple(image_size)
-        logger.info(
-            "cached frozen backbone outputs of %d images (%.0f MB)",
-            len(self.tokens),
-            (self.tokens.numel() + self.attention.numel()) * 4 / 2**20,
-        )
-
-    def local(self, model: PRGSNetwork, image_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Nodes (n, L, C) of the images ``image_ids`` (global indices), through the current local_head."""
-        return model.local_nodes(
-            self.tokens[image_ids].to(device), self.attention[image_ids].to(device), self.image_size
-        )
-
-
-def _cat(parts: list[torch.Tensor], *row_shape: int) -> torch.Tensor:
-    """torch.cat(parts), or an empty (0, *row_shape) tensor for a rank that had no images."""
-    return torch.cat(parts) if parts else torch.empty(0, *row_shape)
 
 
 class TrainingDivergedError(util.PRGSError):
@@ -264,15 +210,7 @@ class Trainer:
         """Epochs until --epochs_num, early stopping or --max_steps; returns which of the three stopped it."""
         args = self.args
         if args.cache_frozen_backbone:
-            self.cache = FrozenBackboneCache(
-                self.model,
-                self.splits.train,
-                args.resize,
-                self.device,
-                args.infer_batch_size,
-                args.num_workers,
-                args.precision,
-            )
+            self.cache = FrozenBackboneCache(self.model, self.splits.train, self._extraction_settings())
         objective = TupleObjective(self.model, args.train_stage, args.margin, self.grid, self.cache, self.device)
         self.objective = distributed.wrap_for_training(objective, self.device)
         if args.cache_refresh_rate > self.splits.train.queries_num:
@@ -315,18 +253,13 @@ class Trainer:
         """Global descriptors (n, D) of training images (global indices), for mining."""
         if self.cache is not None:
             return self.cache.descriptors[image_ids]
-        args = self.args
         return global_descriptors(
-            self.model,
-            self.splits.train,
-            image_ids,
-            args.resize,
-            self.device,
-            args.infer_batch_size,
-            args.num_workers,
-            args.precision,
-            "mining descriptors",
+            self.model, self.splits.train, image_ids, self._extraction_settings(), "mining descriptors"
         )
+
+    def _extraction_settings(self) -> ExtractionSettings:
+        args = self.args
+        return ExtractionSettings(args.resize, self.device, args.infer_batch_size, args.num_workers, args.precision)
 
     def _batches(self, tuples: Tuples):
         """(images (b, T, 3, H, W) or None when the cache holds the backbone outputs, image ids (b, T)) of the

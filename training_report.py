@@ -13,11 +13,13 @@ import numpy as np
 import distributed
 import runs
 import util
-from evaluation import Evaluation, build_results, recalls_by_name, recalls_table, write_outputs
+from config import output_options
+from evaluation import Evaluation
+from metrics import first_correct_rank, paired_bootstrap
 from model.checkpoint import LoadedCheckpoint
 from model.network import PRGSNetwork
+from outputs import build_results, recalls_by_name, recalls_table, write_outputs
 from places.index import PlaceIndex
-from retrieval import first_correct_rank, paired_bootstrap
 from training_state import TrainingState
 from visualize import save_training_curves
 
@@ -64,9 +66,20 @@ class TrainingReport:
         hits_after = test_hits(after, self.test, args.recall_values[0], self.with_rerank)
         if hits_after is not None and self.hits_before is not None:
             self.results["test_margins"] = test_margins(self.hits_before, hits_after, args.recall_values[0])
-        test_results = build_results(args, args.test_split, self.test, model, best, after, device, seconds)
+        options = output_options(args)
+        test_results = build_results(
+            after,
+            self.test,
+            args.test_split,
+            options,
+            model=model,
+            checkpoint=best,
+            device=device,
+            seconds=seconds,
+            configuration=runs.plain_args(args),
+        )
         if distributed.is_main():
-            write_outputs(args, self.folder / "test", self.test, after, test_results)
+            write_outputs(self.folder / "test", self.test, after, test_results, options)
         logger.info(
             "test of the best model (epoch %d) on %s:\n%s", best_epoch, self.test.summary(), recalls_table(after)
         )

@@ -74,41 +74,6 @@ class Stopwatch:
         self.seconds += time.perf_counter() - self._start
 
 
-class CudaGraphCache:
-    """Replays a CUDA graph of ``function(x)`` captured once per input shape (at most ``max_graphs`` shapes; others
-    run eagerly): one launch instead of one per operation, for fixed shapes. The first call for a shape warms up
-    on a side stream (so that lazy set-up such as kernel tuning is not captured), then captures. The returned
-    tensor is the graph's static output: valid until the next call, copy it to keep it."""
-
-    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], max_graphs: int = 2, warmup: int = 2):
-        self.function, self.max_graphs, self.warmup = function, max_graphs, warmup
-        self.graphs: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, x.device)
-        if key not in self.graphs:
-            if len(self.graphs) >= self.max_graphs or x.device.type != "cuda":
-                return self.function(x)
-            self.graphs[key] = self._capture(x)
-        static_input, static_output, graph = self.graphs[key]
-        static_input.copy_(x)
-        graph.replay()
-        return static_output
-
-    def _capture(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]:
-        static_input = x.clone()
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.function(static_input)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_output = self.function(static_input)
-        return static_input, static_output, graph
-
-
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

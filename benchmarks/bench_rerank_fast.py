@@ -27,7 +27,7 @@ from bench_gpu import reranker_input, timed  # noqa: E402
 
 from model import l2_attention  # noqa: E402
 from model.reranker import RERANK_KERNELS, GraphReranker, RerankKernel  # noqa: E402
-from util import CudaGraphCache  # noqa: E402
+from reranking import CudaGraphCache  # noqa: E402
 
 
 @dataclass

@@ -34,10 +34,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from datasets_ws import SplitRequest, load_split  # noqa: E402
-from extraction import global_descriptors  # noqa: E402
+from extraction import ExtractionSettings, global_descriptors  # noqa: E402
+from metrics import recall_at_n  # noqa: E402
 from model.network import ModelConfig, PRGSNetwork  # noqa: E402
 from places import toy_world  # noqa: E402
-from retrieval import build_index, exact_knn, faiss_uses_gpu, recall_at_n, search_index  # noqa: E402
+from retrieval import build_index, exact_knn, faiss_uses_gpu, search_index  # noqa: E402
 
 RECALLS = [1, 5, 10]
 REFERENCE_SETTINGS = [
@@ -88,7 +89,7 @@ def toy_descriptors(data: Path, device: torch.device) -> tuple[np.ndarray, np.nd
     index = load_split(SplitRequest(data, "toy_world", "train"))
     torch.manual_seed(0)
     model = PRGSNetwork(ModelConfig(backbone="deit_micro", image_size=(144, 192), local_dim=32)).to(device)
-    descriptors = global_descriptors(model, index, np.arange(len(index)), (144, 192), device, 64, 4)
+    descriptors = global_descriptors(model, index, np.arange(len(index)), ExtractionSettings((144, 192), device, 64, 4))
     return descriptors[: index.database_num], descriptors[index.database_num :], index.soft_positives_per_query
 
 

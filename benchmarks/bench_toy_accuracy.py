@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from config import EvalSettings  # noqa: E402
 from datasets_ws import SplitRequest, load_split  # noqa: E402
-from evaluation import EvalSettings, evaluate  # noqa: E402
+from evaluation import evaluate  # noqa: E402
 from model.checkpoint import build_model  # noqa: E402
 from model.network import ModelConfig  # noqa: E402
 

@@ -48,6 +48,7 @@ def trained_toy_checkpoint(small_toy_world, tmp_path_factory) -> Path:
     import losses
     import training
     from datasets_ws import SplitRequest, load_split
+    from extraction import ExtractionSettings, FrozenBackboneCache
     from mining import TupleMiner
     from model.checkpoint import save_model
     from model.network import ModelConfig, PRGSNetwork
@@ -57,7 +58,7 @@ def trained_toy_checkpoint(small_toy_world, tmp_path_factory) -> Path:
     index = load_split(SplitRequest(small_toy_world, "toy_world", "train"))
     trainable = training.configure_stage(model, "reranker")
     optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.03)
-    cache = training.FrozenBackboneCache(model, index, (144, 192), torch.device("cpu"), 32, 0, "fp32")
+    cache = FrozenBackboneCache(model, index, ExtractionSettings((144, 192), torch.device("cpu"), 32, 0, "fp32"))
     miner = TupleMiner(index, "partial", negs_num_per_query=4, neg_samples_num=30)
     rng = np.random.default_rng(1)
     training.set_train_mode(model, "reranker")

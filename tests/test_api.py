@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import api
-import evaluation
+import extraction
+from config import EvalSettings
 from datasets_ws import ImageDataset, SplitRequest, load_split
 from model.checkpoint import build_model
 from model.correspondences import cross_graph_attention, graph_attention, stage_node_boxes
@@ -44,10 +45,10 @@ def test_hub_model_outputs_equal_the_scripts(trained_toy_checkpoint, script_mode
     assert hub_model.image_size == IMAGE_SIZE and not hub_model.training
     hub_weights = hub_model.network.state_dict()
     assert all(torch.equal(hub_weights[k], v) for k, v in script_model.state_dict().items())
-    settings = evaluation.EvalSettings(
+    settings = EvalSettings(
         image_size=IMAGE_SIZE, device=torch.device("cpu"), infer_batch_size=16, num_workers=0, rerank_top=10
     )
-    descriptors, store, _ = evaluation.extract_features(script_model, toy_test_split, settings, tmp_path / "store")
+    descriptors, store, _ = extraction.extract_features(script_model, toy_test_split, settings, tmp_path / "store")
     store.close()
     paths = toy_test_split.absolute_paths()
     described = hub_model.describe(paths, batch_size=16)

@@ -17,15 +17,16 @@ import torch
 from short_runs import SHORT_TRAINING
 
 import distributed
-import evaluation
+import extraction
 import retrieval
 import test as test_script
 import train_reranking
 import training
 from datasets_ws import SplitRequest, load_split
-from feature_store import LocalFeatureStore
+from feature_store import LocalFeatureStore, ShardedStore
+from metrics import recall_at_n
 from model.network import ModelConfig, PRGSNetwork
-from retrieval import RetrievalError, approximate_knn, exact_knn, recall_at_n
+from retrieval import RetrievalError, approximate_knn, exact_knn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--num_workers", "0", "--infer_batch_size", "16", "--recall_values", "1", "5"]
@@ -85,7 +86,7 @@ def test_the_ranks_stores_read_as_one(tmp_path):
     """Two ranks' stores (as extract_features writes them) give the rows one store of every image gives."""
     database_num, queries_num, batch = 11, 6, 4
     nodes = _nodes(database_num + queries_num)
-    holder, rows = evaluation.shard_layout(database_num, queries_num, batch, world=2)
+    holder, rows = extraction.shard_layout(database_num, queries_num, batch, world=2)
     assert holder.tolist() == [0] * 4 + [1] * 7 + [0] * 4 + [1] * 2  # whole batches of the database, then queries
     one = LocalFeatureStore.create(tmp_path / "one", len(nodes), (6, 8), (96, 128), 16, 40, 5)
     one.write(np.arange(len(nodes)), nodes)
@@ -95,7 +96,7 @@ def test_the_ranks_stores_read_as_one(tmp_path):
         store = LocalFeatureStore.create(tmp_path / "shards" / f"rank_{rank}", len(mine), (6, 8), (96, 128), 16, 40, 5)
         store.write(rows[mine], nodes[mine])
         store.close()
-    sharded = evaluation.ShardedStore.open(tmp_path / "shards", holder, rows)
+    sharded = ShardedStore.open(tmp_path / "shards", holder, rows)
     wanted = [16, 0, 9, 3, 12, 10, 10]
     for got, expected in zip(
         sharded.read_compact(wanted), LocalFeatureStore.open(tmp_path / "one").read_compact(wanted)
@@ -109,14 +110,14 @@ def test_the_frozen_backbone_cache_is_split_in_whole_batches(small_toy_world, mo
     """Each rank caches its whole batches; concatenated in rank order they are the one-process cache, bit for bit."""
     model = PRGSNetwork(ModelConfig(backbone="deit_micro", image_size=(144, 192), local_dim=32)).eval()
     index = load_split(SplitRequest(small_toy_world, "toy_world", "val"))
-    arguments = (model, index, (144, 192), torch.device("cpu"), 16, 0, "fp32")
-    whole = training.FrozenBackboneCache(*arguments)
+    arguments = (model, index, extraction.ExtractionSettings((144, 192), torch.device("cpu"), 16, 0, "fp32"))
+    whole = extraction.FrozenBackboneCache(*arguments)
     parts = []
     for rank in (0, 1):
         _with_ranks(monkeypatch, rank, 2)
         monkeypatch.setattr(distributed, "gather_rows", lambda rows: rows)  # this rank's part alone
         monkeypatch.setattr(distributed, "stop_together", lambda stage: contextlib.nullcontext())
-        parts.append(training.FrozenBackboneCache(*arguments))
+        parts.append(extraction.FrozenBackboneCache(*arguments))
     assert [len(part.tokens) for part in parts] == [32, 18]
     assert torch.equal(torch.cat([part.tokens for part in parts]), whole.tokens)
     assert torch.equal(torch.cat([part.attention for part in parts]), whole.attention)

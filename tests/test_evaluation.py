@@ -1,18 +1,25 @@
 """Evaluation pipeline: recalls, faiss retrieval, the compact store, reranking, and test.py end to end."""
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
-import evaluation
+import config
+import extraction
+import parser as prgs_parser
+import reranking
 import test as test_script
+from config import EvalSettings
 from datasets_ws import ImageDataset, SplitRequest, load_split
 from feature_store import REFERENCE_BYTES_PER_IMAGE, LocalFeatureStore
+from metrics import paired_bootstrap, recall_at_n
 from model.network import ModelConfig
-from retrieval import exact_knn, fused_scores, paired_bootstrap, recall_at_n
+from reranking import fused_scores
+from retrieval import exact_knn
 
 TOY_ARGS = ["--num_workers", "0", "--infer_batch_size", "16"]
 
@@ -115,7 +122,7 @@ def test_reranked_order_from_the_store_equals_float32_in_memory(
     model, _ = build_model(ModelConfig(), resume=trained_toy_checkpoint)
     model.eval()
     index = load_split(SplitRequest(small_toy_world, "toy_world", "test"))
-    settings = evaluation.EvalSettings(
+    settings = EvalSettings(
         image_size=(144, 192),
         device=torch.device("cpu"),
         infer_batch_size=16,
@@ -124,14 +131,14 @@ def test_reranked_order_from_the_store_equals_float32_in_memory(
         rerank_batch_size=4,
         store_dtype=store_dtype,
     )
-    descriptors, store, _ = evaluation.extract_features(model, index, settings, tmp_path / "store")
+    descriptors, store, _ = extraction.extract_features(model, index, settings, tmp_path / "store")
     with torch.no_grad():
         images = torch.stack([ImageDataset(index, (144, 192))[i][0] for i in range(len(index))])
         global_in_memory, nodes_in_memory = model(images)
     np.testing.assert_allclose(descriptors, global_in_memory.numpy(), atol=1e-5)
     distances, predictions = exact_knn(descriptors[: index.database_num], descriptors[index.database_num :], 10)
-    from_store, store_scores, _ = evaluation.rerank(model, store, predictions, distances, index.database_num, settings)
-    in_memory, memory_scores, _ = evaluation.rerank(
+    from_store, store_scores, _ = reranking.rerank(model, store, predictions, distances, index.database_num, settings)
+    in_memory, memory_scores, _ = reranking.rerank(
         model, _InMemoryNodes(nodes_in_memory), predictions, distances, index.database_num, settings
     )
     assert np.array_equal(from_store, in_memory)
@@ -150,20 +157,20 @@ def test_precomputed_stage0_gives_the_plain_order(
 
     model, _ = build_model(ModelConfig(), resume=trained_toy_checkpoint)
     index = load_split(SplitRequest(small_toy_world, "toy_world", "test"))
-    settings = evaluation.EvalSettings(
+    settings = EvalSettings(
         image_size=(144, 192), device=torch.device("cpu"), infer_batch_size=16, num_workers=0, rerank_top=10,
         rerank_batch_size=4, rerank_kernel="stage0", store_dtype=store_dtype, store_tier="disk",
     )  # fmt: skip
-    descriptors, store, timings = evaluation.extract_features(model.eval(), index, settings, tmp_path / "store")
+    descriptors, store, timings = extraction.extract_features(model.eval(), index, settings, tmp_path / "store")
     assert store.content == "stage0" and timings["store_write_ms_per_image_database"] > 0
     with torch.no_grad():
         images = torch.stack([ImageDataset(index, (144, 192))[i][0] for i in range(len(index))])
         _, nodes_in_memory = model(images)
     distances, predictions = exact_knn(descriptors[: index.database_num], descriptors[index.database_num :], 10)
-    stage0, stage0_scores, _ = evaluation.rerank(model, store, predictions, distances, index.database_num, settings)
-    plain, plain_scores, _ = evaluation.rerank(
+    stage0, stage0_scores, _ = reranking.rerank(model, store, predictions, distances, index.database_num, settings)
+    plain, plain_scores, _ = reranking.rerank(
         model, _InMemoryNodes(nodes_in_memory), predictions, distances, index.database_num,
-        evaluation._with(settings, rerank_kernel="plain"),
+        dataclasses.replace(settings, rerank_kernel="plain"),
     )  # fmt: skip
     assert np.array_equal(stage0, plain)
     # float32 rounding differs from the plain path's: distances between near-identical nodes are square roots of
@@ -308,3 +315,15 @@ def test_paired_bootstrap_gives_the_difference_and_a_sensible_interval():
     assert 9.0 < low < 10.5 and 19.5 < high < 21.0
     with pytest.raises(ValueError, match="equally long"):
         paired_bootstrap(a, b[:10])
+
+
+@pytest.mark.parametrize("build", ["test_parser", "train_parser"])
+def test_the_settings_objects_are_built_from_flags_of_the_same_names(build):
+    """config.eval_settings and config.output_options take each field from the flag of the same name: every field
+    but the derived ones is a flag of both evaluating entry points (test.py's alone has --rerank_pictures)."""
+    flags = {action.dest for action in getattr(prgs_parser, build)()._actions}
+    eval_fields = {f.name for f in dataclasses.fields(EvalSettings)} - set(config._DERIVED_EVAL_FIELDS)
+    assert eval_fields <= flags and "resize" in flags
+    output_fields = {f.name for f in dataclasses.fields(config.OutputOptions)}
+    assert output_fields - {"rerank_pictures"} <= flags
+    assert ("rerank_pictures" in flags) == (build == "test_parser")

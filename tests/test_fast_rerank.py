@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluation
+import reranking
+from config import EvalSettings
 from datasets_ws import SplitRequest, load_split
-from extraction import image_batches
+from extraction import ExtractionSettings, image_batches
 from feature_store import LocalFeatureStore, MemoryFeatureStore, StoreLayout, choose_tier, create_store
 from model.l2_attention import l2_graph_attention, round_to_tf32, split_width
 from model.local_features import build_nodes
@@ -26,7 +27,7 @@ from places.images import (
     normalize_images,
     read_image_bytes,
 )
-from util import CudaGraphCache
+from reranking import CudaGraphCache
 
 GRID = (30, 40)
 STAGE0 = RERANK_KERNELS["stage0"]
@@ -196,7 +197,7 @@ def test_store_tiers_give_identical_reranked_predictions(tmp_path, content, dtyp
     rng = np.random.default_rng(0)
     predictions = np.stack([rng.permutation(24)[:10] for _ in range(6)])
     distances = np.sort(rng.random((6, 10)), axis=1).astype(np.float32)
-    settings = evaluation.EvalSettings((144, 192), torch.device("cpu"), rerank_top=8, rerank_batch_size=4)
+    settings = EvalSettings((144, 192), torch.device("cpu"), rerank_top=8, rerank_batch_size=4)
     settings.rerank_kernel = kernel
     results = {}
     for tier in ("device", "host", "disk"):
@@ -208,7 +209,7 @@ def test_store_tiers_give_identical_reranked_predictions(tmp_path, content, dtyp
         assert store.tier == tier and store.content == content and store.bytes_per_image == layout.bytes_per_image
         results[tier] = (
             store.read(np.arange(30)),
-            *evaluation.rerank(model, store, predictions, distances, 24, settings)[:2],
+            *reranking.rerank(model, store, predictions, distances, 24, settings)[:2],
         )
         store.close()
     for tier in ("host", "disk"):
@@ -241,9 +242,9 @@ def test_a_kernel_refuses_a_store_of_the_other_content(tmp_path):
     model = PRGSNetwork(ModelConfig(backbone="deit_micro", image_size=(144, 192), local_dim=32)).eval()
     store = create_store(tmp_path, 2, StoreLayout((9, 12), (144, 192), 16, 90, 32), "host", torch.device("cpu"))
     store.write([0, 1], _toy_nodes(2, 0))
-    settings = evaluation.EvalSettings((144, 192), torch.device("cpu"), rerank_top=1, rerank_kernel="stage0")
+    settings = EvalSettings((144, 192), torch.device("cpu"), rerank_top=1, rerank_kernel="stage0")
     with pytest.raises(ValueError, match="kernel stage0 cannot read a store of 'nodes' rows"):
-        evaluation.rerank(model, store.finish(), np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32), 1, settings)
+        reranking.rerank(model, store.finish(), np.zeros((1, 1), np.int64), np.zeros((1, 1), np.float32), 1, settings)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,8 +285,8 @@ def test_image_loop_gives_the_same_descriptors_with_either_decoder(small_toy_wor
     model = PRGSNetwork(ModelConfig(backbone="deit_micro", image_size=(144, 192), local_dim=32))
     outputs = {}
     for decoder in ("pil", "torchvision"):
-        batches = image_batches(model, lambda images: model(images, global_only=True), index, range(10), (144, 192),
-                                torch.device("cpu"), 4, 0, decoder=decoder)  # fmt: skip
+        batches = image_batches(model, lambda images: model(images, global_only=True), index, range(10),
+                                ExtractionSettings((144, 192), torch.device("cpu"), 4, 0, decoder=decoder))  # fmt: skip
         ids, descriptors = zip(*batches)
         assert np.array_equal(np.concatenate(ids), np.arange(10))
         outputs[decoder] = torch.cat(descriptors)

@@ -25,6 +25,7 @@ import test as test_script
 import train_reranking
 import training
 import util
+from config import EvalSettings
 from datasets_ws import SplitRequest, load_split
 from mining import MiningFileError, dataset_fingerprints, image_file_stats, load_hard_negatives, save_hard_negatives
 from places.images import BadImageError, open_rgb_image, rgb_image
@@ -510,4 +511,4 @@ def test_an_empty_split_is_refused_before_evaluating(small_toy_world, tmp_path):
 
     empty = subset_index(index, np.arange(index.database_num), np.empty(0, dtype=np.int64))
     with pytest.raises(DatasetError, match="has no queries or no database images"):
-        evaluation.evaluate(None, empty, evaluation.EvalSettings((144, 192), torch.device("cpu")), tmp_path)
+        evaluation.evaluate(None, empty, EvalSettings((144, 192), torch.device("cpu")), tmp_path)

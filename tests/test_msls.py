@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from datasets_ws import SplitRequest, load_split
+from metrics import recall_at_n
 from places import msls
 from places.index import DatasetError
 from places.msls import build_msls_split
 from places.msls_protocol import msls_average_precision_at_k, msls_map_at_k, write_msls_submission
-from retrieval import recall_at_n
 
 # Column layouts of the real files (mapillary_sls reads them with pandas, index_col=0).
 SEQ_INFO_HEADER = ["", "key", "sequence_key", "frame_number"]
@@ -396,10 +396,11 @@ def test_a_city_without_queries_leaves_its_database_out(msls_folder, caplog):
 
 
 def test_the_challenge_file_is_a_zip_holding_one_csv(tmp_path):
-    import types
     import zipfile
 
-    from evaluation import Evaluation, write_outputs
+    from config import OutputOptions
+    from evaluation import Evaluation
+    from outputs import write_outputs
     from places.index import PlaceIndex
 
     index = PlaceIndex("msls/test", tmp_path, ["d0.jpg", "d1.jpg"], ["q0.jpg"], None, None, None)
@@ -407,9 +408,9 @@ def test_the_challenge_file_is_a_zip_holding_one_csv(tmp_path):
     evaluation = Evaluation(
         predictions, predictions.astype(np.float32), predictions[:, ::-1], predictions, 2, None, None, {}, 0
     )
-    args = types.SimpleNamespace(dataset_name="msls", num_preds_to_save=0, save_only_wrong_preds=False)
+    options = OutputOptions(dataset_name="msls", num_preds_to_save=0, save_only_wrong_preds=False)
     results = {}
-    write_outputs(args, tmp_path / "run", index, evaluation, results)
+    write_outputs(tmp_path / "run", index, evaluation, results, options)
     assert results["msls_submission"] == {
         "global": "msls_submission_global.zip",
         "reranked": "msls_submission_reranked.zip",

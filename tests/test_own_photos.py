@@ -16,7 +16,7 @@ import utm
 from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational
 
-import evaluation
+import outputs
 import test as test_script
 from datasets_ws import SplitRequest, load_split
 from places.folders import build_folder_split, exif_gps_degrees, read_photo_info
@@ -141,9 +141,9 @@ def test_rerank_pictures_on_the_toy_world_name_the_rank_change(
     small_toy_world, trained_toy_checkpoint, tmp_path, monkeypatch
 ):
     drawn = []
-    draw = evaluation.save_rerank_picture
+    draw = outputs.save_rerank_picture
     monkeypatch.setattr(
-        evaluation, "save_rerank_picture", lambda path, *args: (drawn.append((path, args[1])), draw(path, *args))
+        outputs, "save_rerank_picture", lambda path, *args: (drawn.append((path, args[1])), draw(path, *args))
     )
     results = test_script.main(
         [
