@@ -316,14 +316,8 @@ def load_global_model(spec: GlobalModelSpec, device: torch.device | str = "cpu")
             )
     except (GlobalModelError, CheckpointError):
         raise
-    except TypeError as error:
-        raise GlobalModelError(f"{spec.name}: {spec.entry}() does not take {spec.kwargs}: {error}") from error
-    except RuntimeError as error:
-        if "Cannot find callable" not in str(error):
-            raise GlobalModelError(f"{spec.name}: loading {spec.entry} from {spec.source} failed: {error}") from error
-        raise GlobalModelError(f"{spec.name}: {_no_entry(spec)}") from error
     except Exception as error:
-        raise GlobalModelError(f"{spec.name}: loading {spec.entry} from {spec.source} failed: {error}") from error
+        raise GlobalModelError(f"{spec.name}: {_load_failure(spec, error)}") from error
     if not isinstance(model, nn.Module):
         raise GlobalModelError(
             f"{spec.name}: {spec.entry}() returned a {type(model).__name__}, expected a torch module"
@@ -331,6 +325,20 @@ def load_global_model(spec: GlobalModelSpec, device: torch.device | str = "cpu")
     if spec.weights is not None and not guard.weights_used:
         load_weights_strictly(model, spec.weights)
     return model.eval().requires_grad_(False).to(device)
+
+
+def _load_failure(spec: GlobalModelSpec, error: Exception) -> str:
+    """What went wrong while torch.hub loaded spec's entry, on one line."""
+    if isinstance(error, RuntimeError) and "Cannot find callable" in str(error):
+        return _no_entry(spec)
+    if isinstance(error, TypeError) and "argument" in str(error):
+        return f"{spec.entry}() does not take {spec.kwargs}: {_one_line(error)}"
+    return f"loading {spec.entry} from {spec.source} failed: {_one_line(error)}"
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (its lines joined by ' / ')."""
+    return " / ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def _check_local_entry(spec: GlobalModelSpec) -> None:

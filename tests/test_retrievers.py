@@ -57,6 +57,10 @@ def flat_output():
 
 def not_a_module():
     return "a string"
+
+
+def broken():
+    raise ValueError("first line\nsecond line")
 '''
 
 TINY = """
@@ -264,8 +268,9 @@ def test_a_nested_github_load_uses_the_hub_cache_copy_or_says_where_to_clone(hub
         (lambda folder: f"{folder / 'model'}:tiny_net", "has no hubconf.py"),
         (lambda folder: f"{folder}:tiny", r"has no entry 'tiny'; the functions it defines: tiny_net, tuple_net"),
         (lambda folder: f"{folder}:not_a_module", r"not_a_module\(\) returned a str, expected a torch module"),
+        (lambda folder: f"{folder}:broken", r"loading broken from .*tiny_hub failed: first line / second line"),
     ],
-    ids=["missing folder", "missing hubconf", "unknown entry", "not a module"],
+    ids=["missing folder", "missing hubconf", "unknown entry", "not a module", "entry fails"],
 )
 def test_a_model_that_cannot_be_loaded_is_one_line(hub_folder, make_spec, message):
     with pytest.raises(GlobalModelError, match=message) as error:
