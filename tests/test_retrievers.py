@@ -60,7 +60,7 @@ def not_a_module():
 
 
 def broken():
-    raise ValueError("first line\nsecond line")
+    raise ValueError("first line\\nsecond line")
 '''
 
 TINY = """
