@@ -98,6 +98,8 @@ def test_the_project_has_the_modules_the_design_names(import_graph):
         "api",
         "hubconf",
         "report",
+        "retrievers",
+        "candidates",
     ):
         assert name in import_graph, name
 
