@@ -382,6 +382,13 @@ class OutputOptions:
     num_queries_to_save: int = 0  # how many queries get pictures, spread evenly; 0: every query
     save_only_wrong_preds: bool = False  # pictures only of queries whose reranked top-1 is wrong
     rerank_pictures: int = 0  # test.py: pictures of the cross graph's matches for the reranked top N
+    report: str = "auto"  # report.html: always, never, or auto (when pictures are saved)
+
+    @property
+    def writes_report(self) -> bool:
+        """Whether report.html is written: --report always, or auto and the run saves pictures."""
+        pictures = self.num_preds_to_save > 0 or self.rerank_pictures > 0
+        return self.report == "always" or (self.report == "auto" and pictures)
 
 
 def output_options(args) -> OutputOptions:

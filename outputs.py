@@ -1,6 +1,6 @@
 """Outputs of an evaluation (docs/outputs.md), made from its result and the OutputOptions, never from argparse: the
-recall table, results.json, predictions.csv, the MSLS challenge files, and the pictures of the predictions and of
-the reranking. Every file is written atomically."""
+recall table, results.json, predictions.csv, the MSLS challenge files, the pictures of the predictions and of the
+reranking, and report.html (report.py). Every file is written atomically."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from model.reranker import stage_grids
 from places.images import image_tensor, open_rgb_image
 from places.index import PlaceIndex
 from places.msls_protocol import write_msls_submission, zip_msls_submission
+from report import ReportData, changes_summary, reranking_changes, write_report
 from retrieval import faiss_uses_gpu
 from visualize import RerankedCandidate, save_prediction_picture, save_rerank_picture
 
@@ -39,27 +40,57 @@ logger = logging.getLogger(__name__)
 # Tables and results.json
 
 
+def reranked_recalls_in_reach(evaluation: Evaluation) -> dict[int, float | None] | None:
+    """The reranked recall@N, None for each N past the reranked candidates (N > rerank_top while the predictions go
+    further): there the reranked order is the global one, where the reference kept the reranked candidates only
+    (its R@N counts those). None without ground truth."""
+    recalls = evaluation.reranked_recalls
+    if recalls is None:
+        return None
+    columns = evaluation.reranked_predictions.shape[1]
+    return {n: None if evaluation.rerank_top < min(n, columns) else value for n, value in recalls.items()}
+
+
 def recalls_table(evaluation: Evaluation) -> str:
-    """A small text table of global and reranked recall@N."""
+    """A small text table of global and reranked recall@N ("-": past the reranked candidates, said under it)."""
     if evaluation.global_recalls is None:
         return "no ground truth for this split: no recalls"
     values = list(evaluation.global_recalls)
+    reranked = reranked_recalls_in_reach(evaluation)
     lines = ["".join([f"{'':10}"] + [f"{'R@' + str(n):>8}" for n in values])]
-    rows = [("global", evaluation.global_recalls), ("reranked", evaluation.reranked_recalls)]
+    rows = [("global", evaluation.global_recalls), ("reranked", reranked)]
     if "exact_recalls" in evaluation.retrieval:  # --faiss_index: exact search's recalls beside the index's
         rows.insert(0, ("exact", evaluation.retrieval["exact_recalls"]))
     for label, recalls in rows:
-        lines.append("".join([f"{label:10}"] + [f"{recalls[n]:8.2f}" for n in values]))
+        lines.append(
+            "".join([f"{label:10}"] + [f"{'-':>8}" if recalls[n] is None else f"{recalls[n]:8.2f}" for n in values])
+        )
+    past = [f"R@{n}" for n in values if reranked[n] is None]
+    if past:
+        lines.append(
+            f"reranked {', '.join(past)}: '-', past the {evaluation.rerank_top} reranked candidates (the global order "
+            "continues there)"
+        )
     return "\n".join(lines)
 
 
 def recalls_by_name(evaluation: Evaluation) -> dict:
-    """{"global": {"R@N": percent}, "reranked": {...}}, None for a split without ground truth."""
+    """{"global": {"R@N": percent}, "reranked": {...}}, None for a split without ground truth; a reranked R@N past
+    the reranked candidates is None (reranked_recalls_in_reach)."""
 
     def by_name(recalls):
-        return None if recalls is None else {f"R@{n}": round(v, 4) for n, v in recalls.items()}
+        return None if recalls is None else {f"R@{n}": None if v is None else round(v, 4) for n, v in recalls.items()}
 
-    return {"global": by_name(evaluation.global_recalls), "reranked": by_name(evaluation.reranked_recalls)}
+    return {"global": by_name(evaluation.global_recalls), "reranked": by_name(reranked_recalls_in_reach(evaluation))}
+
+
+def summary_text(index: PlaceIndex, evaluation: Evaluation, results: dict) -> str:
+    """The console's summary of an evaluation: the split, the recalls table and, with ground truth, one line of what
+    reranking changed (results["reranking_changes"])."""
+    lines = [index.summary(), recalls_table(evaluation)]
+    if results.get("reranking_changes") is not None:
+        lines.append(changes_summary(results["reranking_changes"]))
+    return "\n".join(lines)
 
 
 def build_results(
@@ -88,6 +119,12 @@ def build_results(
         },
         "recalls": recalls_by_name(evaluation),
         "rerank_top": evaluation.rerank_top,
+        "reranking_changes": reranking_changes(
+            evaluation.global_predictions,
+            evaluation.reranked_predictions,
+            index.soft_positives_per_query,
+            evaluation.rerank_top,
+        ),
         "timings": {**{k: round(v, 4) for k, v in evaluation.timings.items()}, "total_seconds": round(seconds, 2)},
         "memory": {k: round(v, 1) for k, v in peak_memory_mb(device).items()},
         "store": {
@@ -133,21 +170,57 @@ def _rankings(evaluation: Evaluation) -> dict[str, np.ndarray]:
 
 
 def write_outputs(
-    output_folder: Path, index: PlaceIndex, evaluation: Evaluation, results: dict, options: OutputOptions
+    output_folder: Path,
+    index: PlaceIndex,
+    evaluation: Evaluation,
+    results: dict,
+    options: OutputOptions,
+    *,
+    model: PRGSNetwork | None = None,
+    settings: EvalSettings | None = None,
 ) -> None:
-    """predictions.csv, on MSLS test the challenge files, the prediction pictures, and results.json last; each
-    atomically. The challenge files' names are added to ``results``."""
+    """Every output of an evaluation, each atomically: predictions.csv, on MSLS test the challenge files, the
+    prediction pictures, the reranking pictures (they need ``model`` and the evaluation's ``settings``), report.html
+    (options.writes_report), and results.json last. The challenge files' names are added to ``results``."""
     output_folder.mkdir(parents=True, exist_ok=True)
     write_predictions_csv(output_folder / "predictions.csv", index, evaluation)
     if options.dataset_name == "msls" and index.soft_positives_per_query is None:
         results["msls_submission"] = write_msls_submissions(output_folder, index, evaluation)
+    queries = pictured_queries(index, evaluation, options.num_queries_to_save, options.save_only_wrong_preds)
     if options.num_preds_to_save > 0:
-        queries = pictured_queries(index, evaluation, options.num_queries_to_save, options.save_only_wrong_preds)
         saved = save_prediction_pictures(
             output_folder / "predictions", index, evaluation, options.num_preds_to_save, queries
         )
         logger.info("saved %d prediction pictures in %s", saved, output_folder / "predictions")
+    correspondences = {}
+    if options.rerank_pictures > 0:
+        if model is None or settings is None:
+            raise ValueError("reranking pictures (rerank_pictures > 0) need the model and the evaluation's settings")
+        correspondences = save_rerank_pictures(
+            output_folder / "reranking", model, index, evaluation, settings, queries, options.rerank_pictures
+        )
+        logger.info("saved %d reranking pictures in %s", len(correspondences), output_folder / "reranking")
+    if options.writes_report:
+        write_report(output_folder / "report.html", report_data(index, evaluation, correspondences))
+        logger.info("report: %s (open it in any browser)", output_folder / "report.html")
     util.atomic_write_text(output_folder / "results.json", json.dumps(results, indent=2))
+
+
+def report_data(index: PlaceIndex, evaluation: Evaluation, correspondences: dict[int, Path]) -> ReportData:
+    """What report.html shows of an evaluation of ``index``, with the reranking pictures by query index."""
+    paths = index.absolute_paths()  # database first, then queries
+    return ReportData(
+        split_name=index.name,
+        query_paths=paths[index.database_num :],
+        database_paths=paths[: index.database_num],
+        global_predictions=evaluation.global_predictions,
+        reranked_predictions=evaluation.reranked_predictions,
+        positives=index.soft_positives_per_query,
+        global_recalls=evaluation.global_recalls,
+        reranked_recalls=reranked_recalls_in_reach(evaluation),
+        rerank_top=evaluation.rerank_top,
+        correspondence_pictures=correspondences,
+    )
 
 
 def write_msls_submissions(output_folder: Path, index: PlaceIndex, evaluation: Evaluation) -> dict[str, str]:
@@ -220,24 +293,6 @@ def save_prediction_pictures(
     return len(queries)
 
 
-def write_rerank_pictures(
-    output_folder: Path,
-    model: PRGSNetwork,
-    index: PlaceIndex,
-    evaluation: Evaluation,
-    settings: EvalSettings,
-    options: OutputOptions,
-) -> None:
-    """With options.rerank_pictures K > 0: what the cross graphs matched for the reranked top K of the pictured
-    queries, in output_folder/reranking (save_rerank_pictures)."""
-    if options.rerank_pictures > 0:
-        queries = pictured_queries(index, evaluation, options.num_queries_to_save, options.save_only_wrong_preds)
-        saved = save_rerank_pictures(
-            output_folder / "reranking", model, index, evaluation, settings, queries, options.rerank_pictures
-        )
-        logger.info("saved %d reranking pictures in %s", saved, output_folder / "reranking")
-
-
 RERANK_PICTURE_STAGE = 1  # the first Patch-to-Region stage: 3x3 regions that tile the image
 
 
@@ -249,14 +304,16 @@ def save_rerank_pictures(
     settings: EvalSettings,
     queries: np.ndarray,
     num_candidates: int,
-) -> int:
+) -> dict[int, Path]:
     """A PNG per query of ``queries`` (visualize.save_rerank_picture): its reranked top ``num_candidates`` with the
-    region pairs the stage-1 cross graph matched and each candidate's global and reranked rank. Returns the count."""
+    region pairs the stage-1 cross graph matched and each candidate's global and reranked rank. Returns
+    {query index: the PNG's path}."""
     folder.mkdir(parents=True, exist_ok=True)
     grid = patch_grid(settings.image_size)
     boxes = stage_node_boxes(grid, model.backbone.patch_size)[RERANK_PICTURE_STAGE].numpy()  # (L_s, 4)
     region_grid = stage_grids(grid)["region"]
     top = min(num_candidates, evaluation.rerank_top)
+    saved = {}
     for query in tqdm(queries, desc="saving reranking pictures", unit="query", leave=False):
         query = int(query)
         candidates = evaluation.reranked_predictions[query, :top]
@@ -277,7 +334,8 @@ def save_rerank_pictures(
         heading = f"query {name}: stage-{RERANK_PICTURE_STAGE} cross-graph matches"
         path = folder / _picture_name(index, query)
         save_rerank_picture(path, images[0], shown, boxes, region_grid[0] * region_grid[1], heading)
-    return len(queries)
+        saved[query] = path
+    return saved
 
 
 def _cross_attention_of(

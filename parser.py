@@ -359,6 +359,14 @@ def _add_picture_args(parser: argparse.ArgumentParser, rerank_pictures: bool) ->
         help="pictures (--num_preds_to_save, and test.py's --rerank_pictures) for this many queries, spread "
         "evenly over the split; 0: every query",
     )
+    group.add_argument(
+        "--report",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="report.html beside results.json: one self-contained page (opens from disk in any browser) of the "
+        "queries reranking fixed and broke, the recalls and a gallery of queries (docs/outputs.md). auto: when "
+        "pictures are saved (--num_preds_to_save or --rerank_pictures > 0)",
+    )
     if rerank_pictures:
         group.add_argument(
             "--rerank_pictures",

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from metrics import first_correct_rank
 from places.images import open_rgb_image
-from retrieval import first_correct_rank
 from util import atomic_write_text
 from visualize import GREEN, GREY, LIGHT_GREY, RED
 
@@ -51,7 +51,8 @@ class ReportData:
     reranked_predictions: np.ndarray  # (Nq, K) int
     positives: Sequence[np.ndarray] | None  # per query, the database indices within 25 m; None: no ground truth
     global_recalls: dict[int, float] | None  # {N: percent}; None without ground truth
-    reranked_recalls: dict[int, float] | None
+    # the same N; a value is None where N > rerank_top < K (past the reranked candidates the order is the global one)
+    reranked_recalls: dict[int, float | None] | None
     rerank_top: int
     correspondence_pictures: dict[int, str | Path] = field(default_factory=dict)  # query index -> PNG path
 
@@ -63,10 +64,10 @@ class ReportSettings:
     top_k: int = 5  # candidates shown per ranking (global, reranked) on each card
     queries_per_class: int = 30  # cards per class at most; predictions.csv has every query
     thumbnail_size: tuple[int, int] = (128, 96)  # (width, height) every image is padded into
-    jpeg_quality: int = 70  # of the thumbnails
-    pictures_per_class: int = 5  # region-correspondence pictures shown per class at most
-    picture_max_width: int = 560  # they are scaled down to this width
-    picture_quality: int = 60
+    jpeg_quality: int = 60  # of the thumbnails
+    pictures_per_class: int = 3  # region-correspondence pictures shown per class at most
+    picture_max_width: int = 480  # they are scaled down to this width
+    picture_quality: int = 55
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,20 +301,25 @@ def recalls_section(data: ReportData) -> str:
             "<h2>Recalls</h2><p class='note'>No ground truth for this split (no coordinates): no recalls and no "
             "fixed / broken classes; the gallery shows the predictions only, framed grey.</p>"
         )
-    values = sorted(data.global_recalls)
+    values, before, after = sorted(data.global_recalls), data.global_recalls, data.reranked_recalls
     head = "".join(f"<th>R@{n}</th>" for n in values)
     rows = [
-        ("global", [f"{data.global_recalls[n]:.2f}" for n in values]),
-        ("reranked", [f"{data.reranked_recalls[n]:.2f}" for n in values]),
-        ("reranked − global", [f"{data.reranked_recalls[n] - data.global_recalls[n]:+.2f}" for n in values]),
+        ("global", [f"{before[n]:.2f}" for n in values]),
+        ("reranked", ["—" if after[n] is None else f"{after[n]:.2f}" for n in values]),
+        ("reranked − global", ["—" if after[n] is None else f"{after[n] - before[n]:+.2f}" for n in values]),
     ]
     body = "".join(
         f"<tr><th>{label}</th>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>" for label, cells in rows
     )
     table = f"<table class='recalls'><tr><th>%</th>{head}</tr>{body}</table>"
-    return (
-        f"<h2>Recalls</h2><div class='side'>{table}{recall_curve_svg(data.global_recalls, data.reranked_recalls)}</div>"
+    past = [f"R@{n}" for n in values if after[n] is None]
+    note = (
+        f"<p class='note'>— : {', '.join(past)} reach past the {data.rerank_top} reranked candidates, where the order "
+        "is the global one: no reranked value.</p>"
+        if past
+        else ""
     )
+    return f"<h2>Recalls</h2><div class='side'>{table}{recall_curve_svg(before, after)}</div>{note}"
 
 
 SVG_WIDTH, SVG_HEIGHT = 440, 260
@@ -352,17 +358,18 @@ class CurveAxes:
         return "".join(parts)
 
 
-def recall_curve_svg(global_recalls: dict[int, float], reranked_recalls: dict[int, float]) -> str:
-    """Inline SVG: R@N (%) against N (log scale) for both rankings, a dot per N with its value as a tooltip."""
-    lowest = min(min(global_recalls.values()), min(reranked_recalls.values()))
+def recall_curve_svg(global_recalls: dict[int, float], reranked_recalls: dict[int, float | None]) -> str:
+    """Inline SVG: R@N (%) against N (log scale) for both rankings, a dot per N with its value as a tooltip (the
+    reranked curve stops at its last N with a value)."""
+    lowest = min(v for v in [*global_recalls.values(), *reranked_recalls.values()] if v is not None)
     axes = CurveAxes(tuple(sorted(global_recalls)), min(90.0, 10.0 * math.floor(lowest / 10.0)))
     parts = [f"<svg class='curve' width='{SVG_WIDTH}' height='{SVG_HEIGHT}' role='img' aria-label='R@N curve'>"]
     parts.append(axes.svg())
     for row, (label, recalls) in enumerate((("global", global_recalls), ("reranked", reranked_recalls))):
-        colour = CURVE_COLOURS[label]
-        points = " ".join(f"{axes.x(n):.1f},{axes.y(recalls[n]):.1f}" for n in axes.values)
+        colour, shown = CURVE_COLOURS[label], [n for n in axes.values if recalls[n] is not None]
+        points = " ".join(f"{axes.x(n):.1f},{axes.y(recalls[n]):.1f}" for n in shown)
         parts.append(f"<polyline fill='none' stroke='{colour}' stroke-width='2' points='{points}'/>")
-        for n in axes.values:
+        for n in shown:
             parts.append(
                 f"<circle cx='{axes.x(n):.1f}' cy='{axes.y(recalls[n]):.1f}' r='3.5' fill='{colour}'>"
                 f"<title>{label} R@{n} = {recalls[n]:.2f} %</title></circle>"
@@ -511,17 +518,18 @@ def ranking_row(
         mark = "" if correct is None else " ✓" if correct else " ✗"
         path = data.database_paths[database_index]
         number = images.thumbnail(path)
-        tiles.append(figure(number, frame, f"{rank}{mark}", f"{label} rank {rank}: {Path(path).name}", settings))
+        tiles.append(figure(number, frame, f"{rank}{mark}", f"{label} rank {rank}", settings, Path(path).name))
     return f"<div class='ranking'><span class='label'>{label}</span>{''.join(tiles)}</div>"
 
 
-def figure(number: int, frame: str, caption: str, title: str, settings: ReportSettings) -> str:
-    """A thumbnail (filled in by the page's script) with its frame class and caption."""
+def figure(number: int, frame: str, caption: str, alt: str, settings: ReportSettings, name: str = "") -> str:
+    """A thumbnail (filled in by the page's script) with its frame class, caption, alt text and the file ``name`` as
+    its tooltip (once per image: names can be long)."""
     width, height = settings.thumbnail_size
+    title = f" title='{html.escape(name, quote=True)}'" if name else ""
     return (
         f"<figure><img class='thumb {frame}' data-image='{number}' width='{width}' height='{height}' "
-        f"alt='{html.escape(title, quote=True)}' title='{html.escape(title, quote=True)}'>"
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        f"alt='{html.escape(alt, quote=True)}'{title}><figcaption>{html.escape(caption)}</figcaption></figure>"
     )
 
 

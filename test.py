@@ -5,7 +5,8 @@
     python3 test.py --database_folder my/database --queries_folder my/queries --resume best.pth   # your photos
 
 Outputs go to logs/<save_dir>/<timestamp>/ (docs/outputs.md): info.log, debug.log, results.json, predictions.csv,
-with --num_preds_to_save pictures of the predictions, and with --rerank_pictures pictures of the reranking.
+with --num_preds_to_save pictures of the predictions, with --rerank_pictures pictures of the reranking, and with
+either (or --report always) report.html, a page of the queries reranking fixed and broke.
 `torchrun --nproc_per_node N test.py ...` shares the work among N processes (docs/distributed.md).
 """
 
@@ -23,7 +24,7 @@ from datasets_ws import load_split, split_request
 from evaluation import evaluate
 from model.checkpoint import LoadedCheckpoint, build_model
 from model.network import PRGSNetwork
-from outputs import build_results, recalls_table, write_outputs, write_rerank_pictures
+from outputs import build_results, summary_text, write_outputs
 from parser import parse_test_args
 from places.folders import FOLDERS_NAME
 from places.index import PlaceIndex
@@ -54,9 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
             configuration=runs.plain_args(args),
         )
         if distributed.is_main():
-            write_outputs(run.folder, index, evaluation, results, options)
-            write_rerank_pictures(run.folder, model, index, evaluation, settings, options)
-            logger.info("%s\n%s", index.summary(), recalls_table(evaluation))
+            write_outputs(run.folder, index, evaluation, results, options, model=model, settings=settings)
+            logger.info("%s", summary_text(index, evaluation, results))
             logger.info("results: %s", run.folder / "results.json")
     return results
 

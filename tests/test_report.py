@@ -1,6 +1,8 @@
 """The report page: the numbers of what reranking changed, and report.html as a browser shows it (headless Chromium
 from the system's packages, driven by selenium; nothing is downloaded)."""
 
+import json
+import logging
 import os
 from pathlib import Path
 
@@ -8,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+import test as test_script
+from metrics import recall_at_n
 from report import (
     CLASSES,
     ReportData,
@@ -19,7 +23,6 @@ from report import (
     shown_queries,
     write_report,
 )
-from retrieval import recall_at_n
 
 try:
     from selenium import webdriver
@@ -337,3 +340,45 @@ def test_without_ground_truth_the_page_is_the_gallery_only(browser, tmp_path):
     assert len(visible_cards(browser)) == 6
     assert {card["cls"] for card in visible_cards(browser)} == {"all"}
     assert browser.execute_script("return document.querySelectorAll('img.thumb.correct, img.thumb.wrong').length;") == 0
+
+
+@pytest.mark.slow
+def test_a_toy_world_evaluation_writes_a_report_that_works_in_a_browser(
+    browser, small_toy_world, trained_toy_checkpoint, tmp_path, caplog
+):
+    """test.py with pictures on the small toy world writes report.html beside results.json (--report auto): in
+    Chromium every picture loads, the class filter shows each class's cards, which match results.json's counts, and
+    the console printed the same counts."""
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        results = test_script.main(
+            [
+                *("--datasets_folder", str(small_toy_world), "--resume", str(trained_toy_checkpoint)),
+                *("--output_folder", str(run), "--num_workers", "0", "--infer_batch_size", "25"),
+                *("--num_preds_to_save", "3", "--rerank_pictures", "2", "--num_queries_to_save", "4"),
+                *("--rerank_top", "10", "--recall_values", "1", "5", "20"),
+            ]
+        )
+    changes = results["reranking_changes"]
+    assert json.loads((run / "results.json").read_text())["reranking_changes"] == changes
+    assert changes_summary(changes) in caplog.text
+    assert results["recalls"]["reranked"]["R@20"] is None and results["recalls"]["global"]["R@20"] is not None
+    open_page(browser, run / "report.html")
+    assert_everything_loaded(browser)
+    everything = visible_cards(browser)
+    assert len(everything) == changes["queries_num"] == 12  # fewer than the cap per class: every query has a card
+    keys = {"fixed": "fixed", "broken": "broken", "unchanged-right": "unchanged_right"}
+    keys["unchanged-wrong"] = "unchanged_wrong"
+    for name in CLASSES:
+        choose(browser, "filter", name)
+        shown = visible_cards(browser)
+        assert {card["cls"] for card in shown} <= {name} and len(shown) == changes[keys[name]], name
+    assert sum(0 < changes[key] < len(everything) for key in keys.values()) >= 2  # the filter changed what is shown
+    choose(browser, "filter", "all")
+    assert visible_cards(browser) == everything
+    pictures = browser.execute_script("return document.querySelectorAll('details img.picture').length;")
+    assert 1 <= pictures <= len(list((run / "reranking").glob("*.png"))) == 4
+    assert "<td>—</td>" in browser.page_source  # reranked R@20, past the 10 reranked candidates
+    browser.save_screenshot(str(run / "report.png"))
+    with Image.open(run / "report.png") as image:
+        assert image.width > 0 and image.height > 0
