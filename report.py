@@ -314,8 +314,8 @@ def recalls_section(data: ReportData) -> str:
     table = f"<table class='recalls'><tr><th>%</th>{head}</tr>{body}</table>"
     past = [f"R@{n}" for n in values if after[n] is None]
     note = (
-        f"<p class='note'>— : {', '.join(past)} reach past the {data.rerank_top} reranked candidates, where the order "
-        "is the global one: no reranked value.</p>"
+        f"<p class='note'>— : no reranked value for {', '.join(past)}: past the {data.rerank_top} reranked "
+        "candidates the order is the global one.</p>"
         if past
         else ""
     )

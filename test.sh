@@ -3,7 +3,8 @@
 #
 # Without arguments: the model that `bash train_reranking.sh` trained last (the newest finished run's
 # logs/toy_world_demo/<time>/reranker/best.pth) on the toy world's test split, with pictures of the predictions and
-# of the reranking for a few queries. Without such a model it says how to get one and stops.
+# of the reranking for a few queries and report.html, the page of what reranking changed (open it in any browser).
+# Without such a model it says how to get one and stops.
 #
 # With arguments: test.py with exactly those, e.g.
 #   bash test.sh --resume CHECKPOINT                                 # the toy world, generated under ./data

@@ -91,7 +91,7 @@ def test_write_outputs_writes_the_report_beside_results_json(tmp_path):
     write_outputs(tmp_path / "run", index, evaluation, results, OutputOptions("toy_world", report="always"))
     page = (tmp_path / "run" / "report.html").read_text()
     assert "Reranking report: hand/test" in page and "<td>—</td>" in page
-    assert "R@5 reach past the 2 reranked candidates" in page
+    assert "no reranked value for R@5: past the 2 reranked candidates" in page
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
     assert results["reranking_changes"]["fixed"] == 1 and results["reranking_changes"]["broken"] == 1
     write_outputs(tmp_path / "quiet", index, evaluation, {}, OutputOptions("toy_world"))
