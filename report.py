@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from metrics import first_correct_rank
 from places.images import open_rgb_image
-from retrieval import first_correct_rank
 from util import atomic_write_text
 from visualize import GREEN, GREY, LIGHT_GREY, RED
 
