@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from metrics import recall_at_n
 from report import (
     CLASSES,
     ReportData,
@@ -19,7 +20,6 @@ from report import (
     shown_queries,
     write_report,
 )
-from retrieval import recall_at_n
 
 try:
     from selenium import webdriver
