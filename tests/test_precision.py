@@ -35,6 +35,20 @@ def test_auto_picks_bf16_on_a_cpu_with_native_bf16(cpu_with_bf16, monkeypatch, c
     assert "avx512_bf16" in caplog.text
 
 
+@pytest.mark.parametrize("stage", ["extraction", "reranking"])
+def test_auto_runs_a_stage_in_bf16_only_where_it_meets_the_accuracy_bar(cpu_with_bf16, monkeypatch, stage, caplog):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(precision, "AUTO_BF16_STAGES", {"extraction": False, "reranking": False})
+    with caplog.at_level(logging.INFO, logger="model.precision"):
+        assert resolve_precision("auto", "cpu", stage) == "fp32"
+    assert "accuracy bar" in caplog.text
+    monkeypatch.setattr(precision, "AUTO_BF16_STAGES", {"extraction": True, "reranking": True})
+    assert resolve_precision("auto", "cpu", stage) == "bf16"
+    assert resolve_precision("bf16", "cpu", stage) == "bf16"  # an explicit choice is kept
+    with pytest.raises(ValueError, match="extraction, reranking"):
+        resolve_precision("auto", "cpu", "training")
+
+
 @pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp32")])
 def test_auto_on_cuda_follows_the_tensor_cores(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
