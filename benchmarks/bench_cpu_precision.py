@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_gpu import reranker_input  # noqa: E402
 from bench_toy_accuracy import compare, summarise  # noqa: E402
 
-from datasets_ws import load_split  # noqa: E402
-from evaluation import EvalSettings, evaluate  # noqa: E402
+from config import EvalSettings  # noqa: E402
+from datasets_ws import SplitRequest, load_split  # noqa: E402
+from evaluation import evaluate  # noqa: E402
 from model.checkpoint import build_model  # noqa: E402
 from model.network import ModelConfig, PRGSNetwork  # noqa: E402
 from model.precision import cpu_flags, cpu_has_native_bf16  # noqa: E402
@@ -223,7 +224,7 @@ def toy_part(checkpoint: Path, datasets_folder: Path, splits: list[str], top: in
     """Each TOY_SETTINGS entry end to end against float32 + plain kernel + float32 store on the trained toy model."""
     model, _ = build_model(ModelConfig(), resume=str(checkpoint))
     model = model.eval()
-    indexes = {name: load_split(datasets_folder, "toy_world", name) for name in splits}
+    indexes = {name: load_split(SplitRequest(datasets_folder, "toy_world", name)) for name in splits}
     base = EvalSettings(model.config.image_size, torch.device("cpu"), infer_batch_size=32, num_workers=0,
                         rerank_top=top, rerank_batch_size=8, recall_values=[1, 5, 10, 20])  # fmt: skip
     reference_settings = replace(base, rerank_kernel="plain", store_dtype="float32")
