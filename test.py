@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
             " (faiss on GPU)" if faiss_uses_gpu(run.device) else "",
         )
         settings = eval_settings(args, run.device)
-        evaluation = evaluate(model, index, settings, run.folder)
+        evaluation = evaluate(model, index, settings, run.scratch_folder())
         split = None if args.dataset_name == FOLDERS_NAME else args.split
         results = build_results(args, split, index, model, checkpoint, evaluation, run.device, run.seconds())
         if distributed.is_main():
