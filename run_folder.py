@@ -40,12 +40,12 @@ OUTPUT_NAMES = (
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A run's folder: created, locked, never shared, cleaned up on every exit path
+# A run's folder: created, locked, never shared
 
 
 class RunFolderError(PRGSError):
-    """An output folder or file that a run may not use: another run holds it, it holds earlier results, or it is
-    not a folder. The message names it and says what to do."""
+    """An output folder or file that a run may not use: another run holds it, it holds earlier results (or files no
+    run made, or a file the run reads), or it is not a folder. The message names it and says what to do."""
 
 
 def make_output_folder(
