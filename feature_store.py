@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from model.local_features import NODE_PREFIX_DIM, node_coordinates
+from schema import Field, FileFormatError, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,17 @@ FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 TIERS = ("device", "host", "disk")
 DEVICE_MEMORY_SHARE = 0.5  # "auto" holds the store on the GPU when it takes at most this share of its free memory
 HOST_MEMORY_SHARE = 0.25  # ... else in host RAM when it takes at most this share of the available RAM, else on disk
+# store.json (docs/feature_store.md), besides its format and version
+STORE_HEADER_FIELDS = {
+    "num_images": Field("iu", minimum=0),
+    "grid": Field("iu", (2,), minimum=1),
+    "image_size": Field("iu", (2,), minimum=1),
+    "patch_size": Field("iu", minimum=1),
+    "num_kept": Field("iu", minimum=1),
+    "local_dim": Field("iu", minimum=1),
+    "content": Field("U", choices=CONTENTS),
+    "feature_dtype": Field("U", choices=tuple(FEATURE_DTYPES)),
+}
 
 
 @dataclass(frozen=True)
@@ -359,14 +371,13 @@ class LocalFeatureStore(StoreReader):
         header_path = folder / "store.json"
         if not header_path.is_file():
             raise FileNotFoundError(f"{folder} is not a complete local-feature store (no store.json)")
-        header = json.loads(header_path.read_text())
-        if header.get("format") != STORE_FORMAT or header.get("version") != STORE_VERSION:
-            raise ValueError(
-                f"{header_path}: expected {STORE_FORMAT} version {STORE_VERSION}, found "
-                f"{header.get('format')} version {header.get('version')}"
-            )
+        header = read_store_header(header_path)
         fields = ("grid", "image_size", "patch_size", "num_kept", "local_dim", "content", "feature_dtype")
-        return cls(folder, header["num_images"], StoreLayout(**{name: header[name] for name in fields}))
+        try:
+            layout = StoreLayout(**{name: header[name] for name in fields})
+        except ValueError as error:
+            raise FileFormatError(f"{header_path}: {error}") from error
+        return cls(folder, header["num_images"], layout)
 
     def read_compact(self, image_indices) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored rows of ``image_indices``, as on disk: (values (n, rows, channels), grid positions
@@ -425,6 +436,19 @@ class ShardedStore(StoreReader):
     def close(self) -> None:
         for store in self.stores:
             store.close()
+
+
+def read_store_header(path: Path) -> dict:
+    """The store.json of a disk store, checked against STORE_HEADER_FIELDS; FileFormatError naming the field."""
+    try:
+        header = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise FileFormatError(f"{path}: not a JSON file ({error}); extract the features again") from error
+    if not isinstance(header, dict) or header.get("format") != STORE_FORMAT or header.get("version") != STORE_VERSION:
+        found = (header.get("format"), header.get("version")) if isinstance(header, dict) else type(header).__name__
+        raise FileFormatError(f"{path}: expected {STORE_FORMAT} version {STORE_VERSION}, found {found}")
+    check_fields(path, header, STORE_HEADER_FIELDS, hint="extract the features again")
+    return header
 
 
 def _checked_indices(image_indices, num_images: int) -> np.ndarray:

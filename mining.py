@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from places.index import PlaceIndex
 from retrieval import exact_knn
+from schema import Field, check_fields
 from util import PRGSError, atomic_write
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,14 @@ logger = logging.getLogger(__name__)
 HARD_NEGATIVES_FORMAT = "prgs-hard-negatives"
 HARD_NEGATIVES_VERSION = 1
 MINING_MODES = ("global", "partial", "full", "random")
+# the arrays of the hard-negative file (docs/hard_negatives.md); Nq: training queries, N: database + query images
+HARD_NEGATIVES_FIELDS = {
+    "hard_negatives": Field("iu", ("Nq", None), minimum=-1),
+    "metadata": Field("U"),
+    "image_sizes": Field("iu", ("N",), minimum=0, required=False),
+    "image_mtimes_ns": Field("iu", ("N",), required=False),
+}
+IMAGE_STAT_FIELDS = ("image_sizes", "image_mtimes_ns")  # both or neither (older files)
 
 
 class MiningFileError(PRGSError, ValueError):
@@ -127,20 +136,8 @@ def load_hard_negatives(
     path: str | Path, index: PlaceIndex, min_columns: int, rebuild_hint: str
 ) -> tuple[np.ndarray, dict]:
     """The hard-negative list for training split ``index``; MiningFileError (with ``rebuild_hint``) when the file
-    is missing, malformed, made for other images, or has fewer than ``min_columns`` columns."""
-    path = Path(path)
-    if path.is_dir():
-        raise MiningFileError(f"hard-negative file {path} is a folder; expected the .npz pre_compute_mining.py wrote")
-    if not path.is_file():
-        raise MiningFileError(f"hard-negative file {path} not found. Build it with: {rebuild_hint}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            hard_negatives, metadata = data["hard_negatives"], json.loads(str(data["metadata"]))
-            image_stats = {name: data[name] for name in ("image_sizes", "image_mtimes_ns") if name in data}
-    except Exception as error:
-        raise MiningFileError(
-            f"cannot read hard-negative file {path} ({error}). Rebuild it with: {rebuild_hint}"
-        ) from error
+    is missing, malformed (HARD_NEGATIVES_FIELDS), made for other images, or has fewer than ``min_columns`` columns."""
+    hard_negatives, metadata, image_stats = read_hard_negative_file(Path(path), rebuild_hint)
     if metadata.get("format") != HARD_NEGATIVES_FORMAT or metadata.get("version") != HARD_NEGATIVES_VERSION:
         raise MiningFileError(
             f"{path} is not a {HARD_NEGATIVES_FORMAT} v{HARD_NEGATIVES_VERSION} file (found "
@@ -159,10 +156,53 @@ def load_hard_negatives(
             f"{path} holds {hard_negatives.shape[1]} negatives per query but --neg_hardness asks "
             f"for {min_columns}. Rebuild it with a larger --num_hard_negatives: {rebuild_hint}"
         )
-    if hard_negatives.min() < -1 or hard_negatives.max() >= index.database_num:
+    if hard_negatives.size and (hard_negatives.min() < -1 or hard_negatives.max() >= index.database_num):
         raise MiningFileError(f"{path} holds indices outside [-1, {index.database_num}). Rebuild it: {rebuild_hint}")
-    check_images_unchanged(path, index, image_stats, rebuild_hint)
-    return hard_negatives, metadata
+    check_images_unchanged(Path(path), index, image_stats, rebuild_hint)
+    return hard_negatives.astype(np.int64), metadata
+
+
+def read_hard_negative_file(path: Path, rebuild_hint: str) -> tuple[np.ndarray, dict, dict[str, np.ndarray]]:
+    """(hard_negatives (Nq, columns), metadata, image stats) of a file that follows HARD_NEGATIVES_FIELDS, else
+    MiningFileError naming the file and the field, with ``rebuild_hint``."""
+    if path.is_dir():
+        raise MiningFileError(f"hard-negative file {path} is a folder; expected the .npz pre_compute_mining.py wrote")
+    if not path.is_file():
+        raise MiningFileError(f"hard-negative file {path} not found. Build it with: {rebuild_hint}")
+    try:
+        with open(path, "rb") as file:
+            loaded = np.load(file, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                raise MiningFileError(
+                    f"{path} is a bare .npy array {loaded.shape}, the reference's hard-negative list "
+                    f"(<dataset>_v2_<backbone>_hard_final_distance.npy): it does not record which images it was "
+                    f"mined for, so training cannot check it against the split. Mine this project's .npz instead "
+                    f"with: {rebuild_hint}"
+                )
+            arrays = {name: loaded[name] for name in loaded.files}
+    except MiningFileError:
+        raise
+    except Exception as error:
+        raise MiningFileError(
+            f"cannot read hard-negative file {path} ({error}). Rebuild it with: {rebuild_hint}"
+        ) from error
+    check_fields(path, arrays, HARD_NEGATIVES_FIELDS, error=MiningFileError, hint=f"Rebuild it with: {rebuild_hint}")
+    try:
+        metadata = json.loads(str(arrays["metadata"]))
+    except ValueError as error:
+        raise MiningFileError(
+            f"{path}: field 'metadata' is not JSON ({error}). Rebuild it with: {rebuild_hint}"
+        ) from error
+    if not isinstance(metadata, dict):
+        raise MiningFileError(
+            f"{path}: field 'metadata' holds a JSON {type(metadata).__name__}, expected an object. "
+            f"Rebuild it with: {rebuild_hint}"
+        )
+    image_stats = {name: arrays[name] for name in IMAGE_STAT_FIELDS if name in arrays}
+    if len(image_stats) == 1:
+        missing = next(name for name in IMAGE_STAT_FIELDS if name not in image_stats)
+        raise MiningFileError(f"{path}: field '{missing}' is missing. Rebuild it with: {rebuild_hint}")
+    return arrays["hard_negatives"], metadata, image_stats
 
 
 def check_images_unchanged(path: Path, index: PlaceIndex, mined: dict[str, np.ndarray], rebuild_hint: str) -> None:
@@ -174,8 +214,13 @@ def check_images_unchanged(path: Path, index: PlaceIndex, mined: dict[str, np.nd
             path,
         )
         return
-    now = image_file_stats(index)
     paths = index.database_paths + index.queries_paths
+    if len(mined["image_sizes"]) != len(paths):
+        raise MiningFileError(
+            f"{path}: field 'image_sizes' has {len(mined['image_sizes'])} entries, expected one per image of the "
+            f"split ({len(paths)}). Rebuild it with: {rebuild_hint}"
+        )
+    now = image_file_stats(index)
     resized = np.flatnonzero(now["image_sizes"] != mined["image_sizes"])
     if len(resized):
         shown = ", ".join(paths[i] for i in resized[:5])

@@ -51,7 +51,9 @@ def _checked_number(name: str, convert, accept, expected: str):
 _positive_int = _checked_number("_positive_int", int, lambda v: v > 0, "a positive integer")
 _non_negative_int = _checked_number("_non_negative_int", int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _checked_number("_positive_float", float, lambda v: 0 < v < math.inf, "a finite positive number")
+_non_negative_float = _checked_number("_non_negative_float", float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 _fraction = _checked_number("_fraction", float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+_seed = _checked_number("_seed", int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32) (numpy's seed range)")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -222,7 +224,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
         default=None,
         help=f"images per batch for feature extraction. {preset_text('infer_batch_size')}",
     )
-    group.add_argument("--seed", type=int, default=42, help="seed for python, numpy and torch")
+    group.add_argument("--seed", type=_seed, default=42, help="seed for python, numpy and torch")
     group = parser.add_argument_group("outputs")
     group.add_argument("--save_dir", default=save_dir, help="outputs go to logs/<save_dir>/<YYYY-mm-dd_HH-MM-SS>/")
     group.add_argument(
@@ -544,7 +546,7 @@ def add_mining_args(parser: argparse.ArgumentParser) -> None:
 def add_optimiser_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimiser")
     group.add_argument("--lr", type=_positive_float, default=1e-5, help="AdamW learning rate")
-    group.add_argument("--weight_decay", type=float, default=0.03, help="AdamW weight decay")
+    group.add_argument("--weight_decay", type=_non_negative_float, default=0.03, help="AdamW weight decay")
     group.add_argument(
         "--lr_schedule",
         choices=("step", "cosine"),
@@ -564,7 +566,7 @@ def add_optimiser_args(parser: argparse.ArgumentParser) -> None:
         default=0.1,
         help="triplet-loss margin on the global descriptors (stages full and global)",
     )
-    group.add_argument("--grad_clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    group.add_argument("--grad_clip", type=_non_negative_float, default=0.0, help="clip the gradient norm (0: off)")
 
 
 def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:

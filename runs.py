@@ -1,19 +1,19 @@
-"""The life cycle of a run, the same for every script: its output folder (made, locked, never shared), logging into
-it, the seeds, a failure record saying what was kept, cleanup on every exit path (an error, Ctrl-C, SIGTERM, a full
-disk), and one line on stderr instead of a traceback. Under torchrun it is rank-aware: rank 0 owns the folder, the
-other ranks join it. docs/runs.md describes the rules; docs/distributed.md the launch."""
+"""The life cycle of a run, the same for every script: its output folder (made, locked, never shared: run_folder.py),
+its scratch space, what it makes recorded in the folder's manifest, logging into it, the seeds, a failure record
+saying what was kept, cleanup on every exit path (an error, Ctrl-C, SIGTERM, a full disk), and one line on stderr
+instead of a traceback. Under torchrun it is rank-aware: rank 0 owns the folder, the other ranks join it.
+docs/runs.md describes the rules; docs/distributed.md the launch."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import os
-import platform
 import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,163 +25,24 @@ from typing import Any
 import torch
 
 import distributed
+from run_folder import (
+    FAILED_FILE_NAME,
+    LOCK_FILE_NAME,
+    LOG_FILE_NAMES,
+    MANIFEST_FILE_NAME,
+    SCRATCH_PREFIX,
+    Manifest,
+    RunFolderError,
+    acquire_lock,
+    make_folders,
+    make_output_folder,
+    release_lock,
+    take_over_folder,
+    walk,
+)
 from util import PRGSError, atomic_write_text, describe_write_error, resolve_device, set_seed
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks
-    fcntl = None
-
 logger = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------------------------------
-# The names in a run folder. The first three are the run's own; the last two are what the upper layers write there
-# (the evaluations' scratch space, the scripts' outputs), listed here, in this one place, so that a run can clean
-# its scratch space, tell an earlier run's outputs apart and remove them on --overwrite.
-
-LOCK_FILE_NAME = ".prgs_run.lock"
-FAILED_FILE_NAME = "failed.json"
-LOG_FILE_NAMES = ("info.log", "debug.log")
-SCRATCH_NAMES = ("work", "local_features")  # scratch space of the evaluations, removed when the run ends
-# What the scripts write into a run folder; --overwrite removes these, and only these, before a run starts.
-RUN_OUTPUT_PATTERNS = (
-    "results.json",
-    "predictions.csv",
-    "predictions",
-    "*.pth",
-    "training_curves.png",
-    "test",
-    "msls_submission_*",
-    *LOG_FILE_NAMES,
-    FAILED_FILE_NAME,
-)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A run's folder: created, locked, never shared, cleaned up on every exit path
-
-
-class RunFolderError(PRGSError):
-    """An output folder or file that a run may not use: another run holds it, it holds earlier results, or it is
-    not a folder. The message names it and says what to do."""
-
-
-def make_output_folder(
-    save_dir: str, logs_root: str | Path = "logs", exact_folder: str | Path | None = None
-) -> tuple[Path, list[Path]]:
-    """logs/<save_dir>/<YYYY-mm-dd_HH-MM-SS> (a suffix keeps two runs of the same second apart), or exact_folder.
-    Returns (the folder, the folders this call created, outermost first)."""
-    if exact_folder is not None:
-        folder = Path(exact_folder)
-        if folder.exists() and not folder.is_dir():
-            raise RunFolderError(
-                f"--output_folder {folder} is a file; expected a folder (or a path that does not exist yet)"
-            )
-        return folder, _make_folders(folder, "--output_folder")
-    base = Path(logs_root) / save_dir / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    created = _make_folders(base.parent, "the logs folder")
-    folder, suffix = base, 1
-    while True:
-        try:
-            folder.mkdir(exist_ok=False)
-            return folder, [*created, folder]
-        except FileExistsError:
-            folder = base.with_name(f"{base.name}_{suffix}")
-            suffix += 1
-        except OSError as error:
-            raise RunFolderError(
-                f"cannot create the output folder {folder}: {describe_write_error(error, folder)}"
-            ) from None
-
-
-def _make_folders(folder: Path, what: str) -> list[Path]:
-    """mkdir -p folder; the folders it created, outermost first; RunFolderError naming the folder on failure."""
-    missing = [folder, *folder.parents]
-    missing = [f for f in reversed(missing) if not f.exists()]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise RunFolderError(
-            f"cannot create {what} {folder}: {describe_write_error(error, folder)}; expected a writable folder"
-        ) from None
-    return missing
-
-
-def earlier_outputs(folder: Path) -> list[str]:
-    """Names of what an earlier run left in folder: everything but hidden files (the lock, temporaries), the scratch
-    space, and the logs of a run that failed before producing anything."""
-    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    ignored = set(SCRATCH_NAMES)
-    if FAILED_FILE_NAME in names and set(names) <= {FAILED_FILE_NAME, *LOG_FILE_NAMES, *SCRATCH_NAMES}:
-        ignored |= {FAILED_FILE_NAME, *LOG_FILE_NAMES}  # a failed run that produced nothing but its logs
-    return [name for name in names if name not in ignored and not name.startswith(".")]  # hidden: lock, temporaries
-
-
-def remove_run_outputs(folder: Path) -> list[str]:
-    """Delete what the scripts write into a run folder (RUN_OUTPUT_PATTERNS), nothing else; the names removed."""
-    removed = []
-    for pattern in RUN_OUTPUT_PATTERNS:
-        for path in sorted(folder.glob(pattern)):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-            removed.append(path.name)
-    return removed
-
-
-def acquire_lock(lock_path: Path, what: str) -> int:
-    """Take the lock file lock_path (flock: released by the system if the process dies) and write who holds it.
-    Returns its descriptor; RunFolderError naming the holding process when another run has it."""
-    if fcntl is None:  # Windows: no advisory locks; runs are not protected from each other
-        return -1
-    for _ in range(5):
-        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(descriptor)
-            raise RunFolderError(
-                f"{what} is in use by another run: {_lock_holder(lock_path)}. Wait for it to end, or choose "
-                f"another --output_folder"
-            ) from None
-        try:
-            same_file = os.stat(lock_path).st_ino == os.fstat(descriptor).st_ino
-        except FileNotFoundError:
-            same_file = False
-        if same_file:
-            holder = {
-                "pid": os.getpid(),
-                "host": platform.node(),
-                "command": " ".join(sys.argv),
-                "started": datetime.now().isoformat(timespec="seconds"),
-            }
-            os.ftruncate(descriptor, 0)
-            os.write(descriptor, json.dumps(holder).encode())
-            return descriptor
-        os.close(descriptor)  # the previous holder removed the file in between: lock the new one
-    raise RunFolderError(f"cannot lock {what}: {lock_path} keeps changing")
-
-
-def _lock_holder(lock_path: Path) -> str:
-    try:
-        holder = json.loads(lock_path.read_text())
-        return f"process {holder['pid']} on {holder['host']} ({holder['command']}), started {holder['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"a process that holds {lock_path}"
-
-
-def release_lock(lock_path: Path, descriptor: int) -> None:
-    """Remove the lock file (when it is still ours) and release the lock."""
-    if descriptor < 0:
-        return
-    try:
-        if os.stat(lock_path).st_ino == os.fstat(descriptor).st_ino:
-            lock_path.unlink()
-    except OSError:
-        pass
-    os.close(descriptor)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Logging
@@ -253,10 +114,11 @@ def plain_args(args) -> dict:
 class Run:
     """What every script's run starts with, used as a context manager (``with start_run(args) as run:``).
 
-    On the way out, whatever the way (success, an error, Ctrl-C, a full disk), the scratch space is removed and the
-    locks are released. A run that fails leaves either nothing (its folder is removed when it holds only logs and
-    this run created it) or a failed.json saying what happened and what its outputs hold; the error gets a note
-    with what was kept, which run_entry_point prints."""
+    Everything it makes in its folder goes into the folder's manifest (``record_outputs``; on the way out, at each
+    ``note``). On the way out, whatever the way (success, an error, Ctrl-C, a full disk), the scratch space is
+    removed and the locks are released. A run that fails leaves either nothing (its folder is removed when it holds
+    only this run's logs and this run created it) or a failed.json saying what happened and what its outputs hold;
+    the error gets a note with what was kept, which run_entry_point prints."""
 
     folder: Path  # where its outputs go
     device: torch.device
@@ -265,6 +127,9 @@ class Run:
     kept: dict[str, str] = field(default_factory=dict)  # output name -> what it holds, for the closing line
     locks: list[tuple[Path, int]] = field(default_factory=list)
     owner: bool = True  # False on the other ranks of a torchrun launch: rank 0 owns the folder and cleans it up
+    scratch: Path | None = None  # the scratch space, made by the owner
+    manifest: Manifest | None = None  # the owner's: what runs made in the folder
+    found_at_start: set[str] = field(default_factory=set)  # what the folder held when this run began: not its own
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started
@@ -272,22 +137,56 @@ class Run:
     def lock(self, lock_path: Path, what: str) -> None:
         self.locks.append((lock_path, acquire_lock(lock_path, what)))
 
+    def scratch_folder(self) -> Path:
+        """The run's scratch space (the evaluations' local-feature stores): a folder made for this run alone,
+        with a unique hidden name, recorded in the manifest before use and removed when the run ends."""
+        if self.scratch is None:
+            raise RunFolderError(f"the run in {self.folder} has no scratch space")
+        return self.scratch
+
     def note(self, name: str, description: str) -> None:
         """Record what an output holds (e.g. 'last.pth': 'end of epoch 3'), for the line a failed run ends with."""
         self.kept[name] = description
+        self.record_outputs()
+
+    def record_outputs(self) -> None:
+        """Add to the manifest what appeared in the folder since the run began: this run made it."""
+        if self.manifest is None:
+            return
+        made = {path: is_folder for path, is_folder in walk(self.folder).items() if path not in self.found_at_start}
+        files = {path for path, is_folder in made.items() if not is_folder} - self.manifest.files
+        folders = {path for path, is_folder in made.items() if is_folder} - self.manifest.folders
+        if files or folders:
+            self.manifest.files |= files
+            self.manifest.folders |= folders
+            self.manifest.write()
 
     def __enter__(self) -> Run:
         return self
 
     def abandon(self) -> None:
-        """A run refused before it started (its folder or file in use, earlier outputs): release its locks and
-        remove the folders it created when they are empty, touching nothing else."""
+        """A run refused before it started (its folder or file in use, earlier outputs): release its locks, remove
+        its scratch space and the folders it created when they are empty, touching nothing else."""
         for lock_path, descriptor in reversed(self.locks):
             release_lock(lock_path, descriptor)
         self.locks.clear()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.folder in self.created:
+            self._remove_own_folder()
         for folder in reversed(self.created):
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
+
+    def _remove_own_folder(self) -> bool:
+        """Remove the folder this run created, when it holds nothing but this run's logs, manifest and lock (a
+        file someone put there meanwhile keeps it), and the empty folders created above it; whether it is gone."""
+        for name in (*LOG_FILE_NAMES, MANIFEST_FILE_NAME, LOCK_FILE_NAME):
+            (self.folder / name).unlink(missing_ok=True)
+        for folder in reversed(self.created[: self.created.index(self.folder) + 1]):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        return not self.folder.exists()
 
     def __exit__(self, kind, error, traceback) -> None:
         if not self.owner:
@@ -295,28 +194,26 @@ class Run:
         try:
             if error is not None:  # the traceback goes to debug.log, while it is still open
                 logger.debug("stopped by %s", type(error).__name__, exc_info=(kind, error, traceback))
-            for name in SCRATCH_NAMES:
-                shutil.rmtree(self.folder / name, ignore_errors=True)
+            self.manifest.remove(scratch_only=True)
+            with contextlib.suppress(OSError, PRGSError):  # a full disk: what is not recorded is never removed
+                self.record_outputs()
+                self.manifest.write()
             close_log_files()
             if error is not None:
                 error.add_note(self._record_failure(error))
-            elif (self.folder / FAILED_FILE_NAME).exists():
-                (self.folder / FAILED_FILE_NAME).unlink()
         finally:
             for lock_path, descriptor in reversed(self.locks):
                 release_lock(lock_path, descriptor)
             self.locks.clear()
 
     def _record_failure(self, error: BaseException) -> str:
-        """Remove the folder when it holds nothing but logs and this run made it, else write failed.json; returns
-        the sentence saying what was kept."""
-        outputs = [n for n in earlier_outputs(self.folder) if n not in (*LOG_FILE_NAMES, FAILED_FILE_NAME)]
+        """Remove the folder when it holds nothing but this run's logs and this run made it, else write
+        failed.json; returns the sentence saying what was kept."""
+        outputs = [n for n in self.manifest.outputs() if n not in (*LOG_FILE_NAMES, FAILED_FILE_NAME)]
         if not outputs and self.folder in self.created:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            for folder in reversed(self.created[: self.created.index(self.folder)]):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()  # only when empty
-            return f"nothing was kept: the run folder {self.folder} was removed"
+            if self._remove_own_folder():
+                return f"nothing was kept: the run folder {self.folder} was removed"
+            return f"nothing was kept: {self.folder} holds nothing of this run"
         kept = [f"{name} ({self.kept[name]})" if name in self.kept else name for name in outputs]
         record = {
             "error": f"{type(error).__name__}: {error}",
@@ -325,6 +222,8 @@ class Run:
         }
         with contextlib.suppress(OSError):  # a full disk may refuse even this
             atomic_write_text(self.folder / FAILED_FILE_NAME, json.dumps(record, indent=2))
+            self.manifest.files.add(FAILED_FILE_NAME)
+            self.manifest.write()
         if not outputs:
             return f"nothing was kept: {self.folder} holds the logs of this failed run"
         return f"kept in {self.folder}: {', '.join(kept)}"
@@ -332,17 +231,19 @@ class Run:
 
 def start_run(args, resumes_in_place: bool = False, output_files: Sequence[str | Path] = ()) -> Run:
     """The prologue of every script, on every rank: its device, its output folder (--output_folder, else
-    logs/<save_dir>/<timestamp>) locked for this run, logging into it, the command line and arguments logged, the
-    seeds set; the Run, used as a context manager.
+    logs/<save_dir>/<timestamp>) locked for this run, its scratch space, logging into it, the command line and
+    arguments logged, the seeds set; the Run, used as a context manager.
 
-    A folder holding an earlier run's outputs is refused unless --overwrite (which removes them first) or
-    ``resumes_in_place`` (a training run resuming its own last.pth). ``output_files`` (e.g. the hard-negative
-    file) are locked too, and refused when they exist, unless --overwrite.
+    A folder holding an earlier run's outputs (what its manifest names) is refused unless --overwrite (which
+    removes them, and nothing else, first) or ``resumes_in_place`` (a training run resuming its own last.pth); a
+    folder holding files that no run of this project made is refused, as is an --overwrite that would remove a file
+    the run reads (take_over_folder). ``output_files`` (e.g. the hard-negative file) are locked too, and refused
+    when they exist, unless --overwrite.
 
     Under torchrun with several processes, rank 0 makes, locks and owns the output folder (what a failed run keeps
-    is its to say) and tells the others where it is; the other ranks log only errors, to the console, marked with
-    their rank. A rank 0 that cannot start the run (a folder in use, earlier outputs) stops every rank with its
-    message."""
+    is its to say) and tells the others where it and the scratch space are; the other ranks log only errors, to
+    the console, marked with their rank. A rank 0 that cannot start the run (a folder in use, earlier outputs)
+    stops every rank with its message."""
     started = time.perf_counter()
     if distributed.launched_world_size() == 1:
         return _start_owned_run(args, resolve_device(args.device), started, resumes_in_place, output_files)
@@ -352,11 +253,12 @@ def start_run(args, resumes_in_place: bool = False, output_files: Sequence[str |
         if distributed.is_main():
             run = _start_owned_run(args, device, started, resumes_in_place, output_files)
             logger.info("distributed: %s, rank 0 on %s", distributed.launch_summary(), device)
-    folder = Path(distributed.broadcast_object(str(run.folder) if run is not None else None))
+    places = distributed.broadcast_object((str(run.folder), str(run.scratch)) if run is not None else None)
+    folder, scratch = map(Path, places)
     if run is None:
         setup_logging(None, logging.ERROR, rank_marker=distributed.rank())
         set_seed(args.seed)
-        run = Run(folder, device, started, owner=False)
+        run = Run(folder, device, started, owner=False, scratch=scratch)
     with distributed.stop_together("starting the run"):
         if not folder.is_dir():
             raise distributed.DistributedError(
@@ -371,23 +273,24 @@ def _start_owned_run(
     args, device: torch.device, started: float, resumes_in_place: bool, output_files: Sequence[str | Path]
 ) -> Run:
     """start_run in the process that owns the output folder (the only one, or rank 0): make and lock the folder,
-    claim the output files, refuse or remove earlier outputs, start logging into it, log the command line, seed."""
+    claim the output files, refuse or remove earlier outputs, make the scratch space, record the run's own files in
+    the manifest, start logging into the folder, log the command line, seed."""
     folder, created = make_output_folder(args.save_dir, exact_folder=args.output_folder)
     run = Run(folder, device, started, created)
     try:
         run.lock(folder / LOCK_FILE_NAME, f"output folder {folder}")
         for path in map(Path, output_files):
             _claim_output_file(run, path, args.overwrite)
-        earlier = earlier_outputs(folder)
-        removed = []
-        if earlier and not resumes_in_place:
-            if not args.overwrite:
-                raise RunFolderError(
-                    f"output folder {folder} holds the outputs of an earlier run ({', '.join(earlier[:6])}); "
-                    f"pass --overwrite to replace them, or choose another --output_folder"
-                )
-            removed = remove_run_outputs(folder)
-        (folder / FAILED_FILE_NAME).unlink(missing_ok=True)
+        manifest, removed = take_over_folder(folder, args, resumes_in_place, output_files)
+        if FAILED_FILE_NAME in manifest.files:  # an earlier run's failure record: this run replaces it
+            (folder / FAILED_FILE_NAME).unlink(missing_ok=True)
+            manifest.files.discard(FAILED_FILE_NAME)
+        run.found_at_start = set(walk(folder))
+        run.scratch = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=folder))
+        manifest.files |= set(LOG_FILE_NAMES)  # setup_logging makes them below
+        manifest.folders.add(run.scratch.name)
+        manifest.write()
+        run.manifest = manifest
         setup_logging(folder)
     except BaseException:
         run.abandon()
@@ -406,7 +309,7 @@ def _claim_output_file(run: Run, path: Path, overwrite: bool) -> None:
     and not an existing file unless overwrite."""
     if path.is_dir():
         raise RunFolderError(f"{path} is a folder; expected the path of a file to write")
-    run.created.extend(folder for folder in _make_folders(path.parent, "the folder of") if folder not in run.created)
+    run.created.extend(folder for folder in make_folders(path.parent, "the folder of") if folder not in run.created)
     run.lock(path.parent / f".{path.name}.lock", f"{path}")
     if path.exists() and not overwrite:
         raise RunFolderError(

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
         index = load_test_split(args)
         model, checkpoint = load_model(args, run.device)
         settings = eval_settings(args, run.device)
-        evaluation = evaluate(model, index, settings, run.folder)
+        evaluation = evaluate(model, index, settings, run.scratch_folder())
         options = output_options(args)
         split = None if args.dataset_name == FOLDERS_NAME else args.split
         results = build_results(

@@ -199,7 +199,7 @@ class Trainer:
 
     def _evaluate(self, index: PlaceIndex) -> Evaluation:
         """The current weights on a split (validation or test), as test.py evaluates."""
-        return evaluate(self.model, index, self.settings, self.run.folder / "work", with_rerank=self.with_rerank)
+        return evaluate(self.model, index, self.settings, self.run.scratch_folder(), with_rerank=self.with_rerank)
 
     def test_before_training(self) -> None:
         """With --test_before_training on a fresh start: the test split's recalls before any step."""

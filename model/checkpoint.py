@@ -34,9 +34,7 @@ class CheckpointError(PRGSError, ValueError):
 
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint file on the CPU without executing pickled code (numpy arrays allowed for the reference's)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = checked_checkpoint_path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as first_error:  # the reference's files hold numpy arrays ('recalls')
@@ -47,7 +45,38 @@ def read_checkpoint(path: str | Path) -> dict:
             raise CheckpointError(f"cannot read checkpoint {path}: {first_error}") from first_error
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a checkpoint dict")
+    check_finite(state, path)
     return state
+
+
+def checked_checkpoint_path(path: str | Path, weights_only: bool = False) -> Path:
+    """``path`` as a Path when it is a file; CheckpointError saying it is missing or a folder otherwise.
+    weights_only: the file is ImageNet weights (read_state_dict_file), not a checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        expected = "a weights file" if weights_only else f"a checkpoint file (e.g. {path / 'best.pth'})"
+        raise CheckpointError(f"{path} is a folder, expected {expected}")
+    if not path.is_file():
+        raise CheckpointError(f"{'weights file' if weights_only else 'checkpoint'} not found: {path}")
+    return path
+
+
+def check_finite(state: Any, path: str | Path, key: str = "") -> None:
+    """CheckpointError naming the first floating-point tensor of ``state`` (nested dicts, lists and tuples) that
+    holds a NaN or an infinity, with its key and ``path``: one such weight turns every score into NaN."""
+    if isinstance(state, torch.Tensor):
+        if (state.is_floating_point() or state.is_complex()) and not bool(torch.isfinite(state).all()):
+            bad = int((~torch.isfinite(state)).sum())
+            raise CheckpointError(
+                f"checkpoint {path}: tensor {key} {tuple(state.shape)} holds {bad} NaN or infinite value(s); "
+                "the file is corrupt or was saved from a diverged run"
+            )
+    elif isinstance(state, dict):
+        for name, value in state.items():
+            check_finite(value, path, f"{key}.{name}" if key else str(name))
+    elif isinstance(state, (list, tuple)):
+        for number, value in enumerate(state):
+            check_finite(value, path, f"{key}[{number}]")
 
 
 def _numpy_globals() -> list:
@@ -140,9 +169,7 @@ def open_checkpoint(path: str | Path) -> LoadedCheckpoint:
 
     The last file read is kept (keyed by path, size and modification time): the parser and the model builder of one
     run read the --resume file once."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = checked_checkpoint_path(path)
     stat = path.stat()
     return _open_checkpoint(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
@@ -272,13 +299,13 @@ def cached_imagenet_weights(name: str) -> Path | None:
 
 def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors / .pth / .bin file (unwrapping a {'model': ...} or {'state_dict': ...} dict)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file not found: {path}")
+    path = checked_checkpoint_path(path, weights_only=True)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file  # optional: only ImageNet files in that format need it
 
-        return load_file(str(path), device="cpu")
+        state = load_file(str(path), device="cpu")
+        check_finite(state, path)
+        return state
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -288,6 +315,7 @@ def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a dict of tensors (a state dict)")
+    check_finite(state, path)
     return state
 
 

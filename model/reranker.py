@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.bf16_attention import bf16_graph_attention
+from model.l2_attention import PRECISIONS as FUSED_PRECISIONS
 from model.l2_attention import l2_graph_attention
 
 NUM_STAGES = 3  # identity, single-scale and multi-scale Patch-to-Region stages, as in the paper
@@ -40,8 +42,10 @@ class RerankKernel:
 
     precomputed_stage0: the input is the output of ``stage0_self_graph`` (computed once per image) instead of the
         raw nodes; the same mathematics.
-    attention: "cdist" (the reference's torch.cdist + softmax + matmul, float32) or a fused Triton kernel on CUDA
-        (model/l2_attention.py) whose dot products use "tf32" or "bf16" tensor cores ("ieee": float32 products).
+    attention: "cdist" (the reference's torch.cdist + softmax + matmul, float32), "bf16_matmul" (the distances and
+        the aggregation as bfloat16 matrix products accumulated in float32, model/bf16_attention.py: for CPUs with
+        native bfloat16) or a fused Triton kernel on CUDA (model/l2_attention.py) whose dot products use "tf32" or
+        "bf16" tensor cores ("ieee": float32 products).
     channels_last: Patch-to-Region pooling over channels-last maps with one fused F.layer_norm, instead of the
         reference's LayerNorm2d op sequence (which keeps float32 rounding identical to the reference).
     """
@@ -53,7 +57,8 @@ class RerankKernel:
 
     @property
     def fused(self) -> bool:
-        return self.attention != "cdist"
+        """A fused Triton kernel (CUDA): it fixes its own precision."""
+        return self.attention in FUSED_PRECISIONS
 
 
 RERANK_KERNELS = {
@@ -61,6 +66,7 @@ RERANK_KERNELS = {
     for kernel in (
         RerankKernel("plain", False, "cdist", False),  # today's path: reproduces the reference (golden tests)
         RerankKernel("stage0", True, "cdist", False),  # the stage-0 self graph precomputed per image; CPU or CUDA
+        RerankKernel("stage0_bf16", True, "bf16_matmul", False),  # + bfloat16 distance and aggregation products
         RerankKernel("fused_tf32", True, "tf32", True),  # + fused L2 attention on TF32 tensor cores (CUDA)
         RerankKernel("fused_bf16", True, "bf16", True),  # + fused L2 attention on bf16 tensor cores (CUDA)
     )
@@ -232,7 +238,9 @@ class GraphLayer(nn.Module):
         if attention == "cdist" or self.mode == "image":
             aggregated = self._cdist_attention(q, h)
         elif torch.is_grad_enabled():
-            raise ValueError("the fused reranker kernels are for inference only (no backward); train with 'plain'")
+            raise ValueError("the fast reranker kernels are for inference only (no backward); train with 'plain'")
+        elif attention == "bf16_matmul":
+            aggregated = bf16_graph_attention(q, h, self.temperature, self.lamda)
         else:
             aggregated = l2_graph_attention(q, h, self.temperature, self.lamda, attention)
         y = F.gelu(self.norm_layer(aggregated))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch.utils.data
 import torchvision.io
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from util import PRGSError
@@ -34,6 +34,17 @@ class BadImageError(PRGSError, ValueError):
 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+EXIF_ORIENTATION = 0x0112
+# what ImageOps.exif_transpose does for each EXIF orientation (1: upright already)
+ORIENTATION_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 PREPROCESSINGS = ("pil", "reference")
 
 
@@ -44,9 +55,12 @@ def open_rgb_image(path: str | Path, upright: bool = True) -> Image.Image:
     passes False."""
     try:
         with Image.open(path) as image:
-            rgb = rgb_image(image, path)  # decodes every pixel, so truncated files fail here
-        if upright:
-            ImageOps.exif_transpose(rgb, in_place=True)  # no-op without an orientation tag (VG, MSLS, the toy world)
+            image.load()  # decodes every pixel, so truncated files fail here (and a TIFF applies its own orientation)
+            # read from the file's image: the RGB one may carry no EXIF (16-bit grey is rebuilt from its pixels)
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1) if upright else 1
+            rgb = rgb_image(image, path)
+        if orientation in ORIENTATION_TRANSPOSES:  # no tag in VG, MSLS or the toy world
+            rgb = rgb.transpose(ORIENTATION_TRANSPOSES[orientation])
         return rgb
     except BadImageError:
         raise

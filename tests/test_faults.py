@@ -5,6 +5,7 @@ scratch store or empty run folder left behind, no numbers that are not the run's
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from short_runs import SHORT_TRAINING
 import evaluation
 import feature_store
 import pre_compute_mining
+import run_folder
 import runs
 import test as test_script
 import train_reranking
@@ -114,12 +116,12 @@ def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_process(script,
     folder.mkdir()
     (folder / "results.json").write_text('{"theirs": 1}')
     before = snapshot(folder)
-    lock = runs.acquire_lock(folder / runs.LOCK_FILE_NAME, "output folder")  # the other run
+    lock = run_folder.acquire_lock(folder / run_folder.LOCK_FILE_NAME, "output folder")  # the other run
     try:
         fast = MINING_FAST if script is pre_compute_mining else FAST
         status, line = run_script(script.main, ["--output_folder", str(folder), "--overwrite", *fast], capsys)
     finally:
-        runs.release_lock(folder / runs.LOCK_FILE_NAME, lock)
+        run_folder.release_lock(folder / run_folder.LOCK_FILE_NAME, lock)
     assert status == 2
     assert f"output folder {folder} is in use by another run: process {os.getpid()}" in line
     assert snapshot(folder) == before  # --overwrite removed nothing of the running one
@@ -130,6 +132,7 @@ def test_earlier_results_are_not_overwritten_without_overwrite(small_toy_world, 
     folder.mkdir()
     (folder / "results.json").write_text('{"earlier": true}')
     (folder / "predictions.csv").write_text("earlier\n")
+    run_folder.Manifest(folder, {"results.json", "predictions.csv"}).write()  # what the earlier run made
     (folder / "notes.txt").write_text("the user's own file")
     before = snapshot(folder)
     argv = ["--datasets_folder", str(small_toy_world), "--output_folder", str(folder), *FAST]
@@ -140,7 +143,8 @@ def test_earlier_results_are_not_overwritten_without_overwrite(small_toy_world, 
     results = test_script.main([*argv, "--overwrite"])
     assert json.loads((folder / "results.json").read_text()) == json.loads(json.dumps(results))
     assert (folder / "notes.txt").read_text() == "the user's own file"  # --overwrite removes only run outputs
-    assert not list(folder.glob(".*")), list(folder.glob(".*"))  # no lock, no temporary file left
+    hidden = [p.name for p in folder.glob(".*")]
+    assert hidden == [run_folder.MANIFEST_FILE_NAME], hidden  # no lock, no temporary file, no scratch space left
 
 
 @pytest.mark.parametrize("where", ["output_folder", "its_parent"])
@@ -240,8 +244,9 @@ def test_ctrl_c_during_training_keeps_the_last_checkpoints_and_names_them(
     assert status == 130
     kept = "best.pth (epoch 0), last.pth (epoch 1, round 0, step 5, as resumed), results.json, training_curves.png"
     assert line == f"interrupted: kept in {run}: {kept}"  # results.json: of the run that stopped at --max_steps
-    unchanged = {k: v for k, v in snapshot(run).items() if not k.endswith(".log") and k != "failed.json"}
-    assert unchanged == {k: v for k, v in before.items() if not k.endswith(".log")}
+    bookkeeping = ("failed.json", run_folder.MANIFEST_FILE_NAME)  # the manifest now names failed.json
+    unchanged = {k: v for k, v in snapshot(run).items() if not k.endswith(".log") and k not in bookkeeping}
+    assert unchanged == {k: v for k, v in before.items() if not k.endswith(".log") and k not in bookkeeping}
     assert json.loads((run / "failed.json").read_text())["error"].startswith("KeyboardInterrupt")
     assert not (run / "work").exists()
 
@@ -255,7 +260,8 @@ def test_a_full_disk_while_storing_local_features_is_one_line(small_toy_world, t
     argv = ["--datasets_folder", str(small_toy_world), "--output_folder", str(folder), "--store_tier", "disk", *FAST]
     status, line = run_script(test_script.main, argv, capsys)
     assert status == 2
-    assert f"cannot write the local-feature store {folder / 'local_features'}" in line
+    store = re.escape(str(folder / run_folder.SCRATCH_PREFIX)) + "[a-z0-9_]+/local_features"  # the run's scratch space
+    assert re.search(f"cannot write the local-feature store {store}: ", line), line
     assert "No space left on device (errno 28)" in line and "MB free on the disk of" in line
     assert not folder.exists()
 

@@ -1,0 +1,321 @@
+"""bfloat16 on the CPU: speed and accuracy of each lever side by side, in one process, on a quiet machine.
+
+    python benchmarks/bench_cpu_precision.py --golden_dir ../shared/reference/golden \
+        --toy_checkpoint logs/toy_world_demo/latest/reranker/best.pth --datasets_folder data --out /tmp/cpu_precision
+    python benchmarks/bench_cpu_precision.py --smoke --out /tmp/cpu_precision_smoke      # tiny sizes, a minute
+
+Part 1, extraction: PRGSNetwork.forward (global + local) with DeiT-S at 480x640 (random weights), s/image, for
+float32 (today), bf16 autocast, bf16 weights, timm's explicit attention instead of SDPA, and 1 thread instead of
+all; accuracy columns: the largest change of a global descriptor and of a local feature against float32.
+Part 2, reranking: the reranker at top-K (10 and 100) x 1200 nodes (golden weights when given), s/query, for the
+plain and stage0 kernels in float32, stage0 under bf16 autocast, the stage0_bf16 kernel (bfloat16 distance and
+aggregation products, model/bf16_attention.py) with and without autocast, and 2 queries per call; peak RSS growth
+of each; accuracy columns: the largest logit error against the float64 golden and whether its order holds.
+Part 3 (with --toy_checkpoint): the trained toy model end to end on the toy world's splits, each precision setting
+against float32 with the plain kernel (benchmarks/bench_toy_accuracy.py's comparison): top-1 agreement, R@1/5/10
+change, and whether it meets the bar that --precision auto needs.
+
+Runs alternate between the settings so that a changing load hits all alike; medians are reported with the load
+average (absolute times on a loaded machine mean little, their ratios more). Output: <out>.json and <out>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_gpu import reranker_input  # noqa: E402
+from bench_toy_accuracy import compare, summarise  # noqa: E402
+
+from config import EvalSettings  # noqa: E402
+from datasets_ws import SplitRequest, load_split  # noqa: E402
+from evaluation import evaluate  # noqa: E402
+from model.checkpoint import build_model  # noqa: E402
+from model.network import ModelConfig, PRGSNetwork  # noqa: E402
+from model.precision import cpu_flags, cpu_has_native_bf16  # noqa: E402
+from model.reranker import RERANK_KERNELS, GraphReranker  # noqa: E402
+
+EXTRACTION_LEVERS = {  # name -> (autocast, bf16 weights, SDPA attention, threads: None = all)
+    "fp32 (today)": (False, False, True, None),
+    "bf16 autocast": (True, False, True, None),
+    "bf16 weights": (False, True, True, None),
+    "fp32, explicit attention": (False, False, False, None),
+    "bf16 autocast, 1 thread": (True, False, True, 1),
+}
+RERANK_LEVERS = {  # name -> (kernel, autocast, queries per call)
+    "plain fp32": ("plain", False, 1),
+    "stage0 fp32 (today's CPU default)": ("stage0", False, 1),
+    "stage0, bf16 autocast": ("stage0", True, 1),
+    "stage0_bf16": ("stage0_bf16", False, 1),
+    "stage0_bf16, bf16 autocast": ("stage0_bf16", True, 1),
+    "stage0 fp32, 2 queries per call": ("stage0", False, 2),
+    "stage0_bf16, 2 queries per call": ("stage0_bf16", False, 2),
+}
+TOY_SETTINGS = {  # name -> EvalSettings overrides, against float32 + plain kernel + float32 store
+    "stage0 fp32 (today's CPU default)": dict(rerank_kernel="stage0"),
+    "bf16 extraction + stage0 (bf16 autocast)": dict(rerank_kernel="stage0", precision="bf16"),
+    "stage0_bf16 (fp32 extraction)": dict(rerank_kernel="stage0_bf16"),
+    "bf16 extraction + stage0_bf16 (autocast)": dict(rerank_kernel="stage0_bf16", precision="bf16"),
+}
+
+
+class PeakRss:
+    """The largest growth of this process's resident memory (MB) while the ``with`` block runs (Linux; 0 else)."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss_mb()
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.growth_mb = self.peak - self.start
+
+
+def _rss_mb() -> float:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+def timed(run, repeats: int, label: str, times: dict, peaks: dict) -> None:
+    with PeakRss() as peak:
+        start = time.perf_counter()
+        run()
+        times.setdefault(label, []).append(time.perf_counter() - start)
+    peaks[label] = max(peaks.get(label, 0.0), peak.growth_mb)
+
+
+def extraction_part(image_size: tuple[int, int], batch: int, repeats: int, backbone: str) -> dict:
+    """s/image of every EXTRACTION_LEVERS entry (alternating), and the accuracy of each against float32."""
+    config = ModelConfig(backbone=backbone, image_size=image_size)
+    torch.manual_seed(0)
+    float_model = PRGSNetwork(config).eval()
+    bf16_model = PRGSNetwork(config).eval()
+    bf16_model.load_state_dict(float_model.state_dict())
+    bf16_model = bf16_model.to(torch.bfloat16)
+    images = torch.randn(batch, 3, *image_size)
+    threads = torch.get_num_threads()
+
+    def forward(lever: str):
+        autocast, weights, sdpa, num_threads = EXTRACTION_LEVERS[lever]
+        model = bf16_model if weights else float_model
+        for block in model.backbone.blocks:
+            block.attn.fused_attn = sdpa
+        torch.set_num_threads(num_threads or threads)
+        try:
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                return model(images.to(torch.bfloat16) if weights else images)
+        finally:
+            torch.set_num_threads(threads)
+
+    reference = forward("fp32 (today)")
+    rows = {}
+    for lever in EXTRACTION_LEVERS:
+        descriptors, local = forward(lever)  # the warm-up run, and the accuracy columns
+        rows[lever] = {
+            "max_abs_global_diff": (descriptors.float() - reference[0]).abs().max().item(),
+            "min_global_cosine": torch.nn.functional.cosine_similarity(descriptors.float(), reference[0]).min().item(),
+            **local_feature_diff(local.float(), reference[1]),
+        }
+    times, peaks = {}, {}
+    for _ in range(repeats):
+        for lever in EXTRACTION_LEVERS:
+            timed(lambda lever=lever: forward(lever), repeats, lever, times, peaks)
+    for lever, row in rows.items():
+        row["s_per_image"] = statistics.median(times[lever]) / batch
+        row["peak_rss_growth_mb"] = peaks[lever]
+    return rows
+
+
+def local_feature_diff(local: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Nodes (B, L, 3+f) against float32's: the share of nodes kept in one and zeroed in the other (the lowest
+    attention is zeroed: near-ties flip under rounding), and the largest change over the nodes both keep."""
+    kept, kept_reference = local.abs().sum(-1) > 0, reference.abs().sum(-1) > 0  # (B, L)
+    both = kept & kept_reference
+    return {
+        "kept_nodes_changed_pct": 100 * (kept != kept_reference).float().mean().item(),
+        "max_abs_local_diff": (local[both] - reference[both]).abs().max().item() if both.any() else 0.0,
+    }
+
+
+def reranker_part(golden_dir: Path | None, tops: list[int], grid: tuple[int, int], channels: int, repeats: int):
+    """s/query of every RERANK_LEVERS entry at each top-K (alternating), and the golden logit errors."""
+    reranker = GraphReranker(channels, grid).eval()
+    if golden_dir is not None:
+        reranker.load_state_dict(torch.load(golden_dir / "reranker_state_dict.pt", weights_only=True))
+    accuracy = golden_accuracy(reranker, golden_dir) if golden_dir is not None else {}
+    rows = {lever: dict(accuracy.get(lever, {})) for lever in RERANK_LEVERS}
+    for top in tops:
+        nodes = reranker_input(2, top, grid, channels, grid[0] * grid[1] * 5 // 6)  # (2, 1+K, L, C)
+        times, peaks = _time_reranker(reranker, nodes, repeats)
+        for lever, (_, _, per_call) in RERANK_LEVERS.items():
+            rows[lever][f"s_per_query_top{top}"] = statistics.median(times[lever]) / per_call
+            rows[lever][f"peak_rss_growth_mb_top{top}"] = peaks[lever]
+    return rows
+
+
+def _time_reranker(reranker: GraphReranker, nodes: torch.Tensor, repeats: int) -> tuple[dict, dict]:
+    """Seconds per call (lists) and peak RSS growth of every RERANK_LEVERS entry on nodes (2, 1+K, L, C)."""
+    grid = reranker.grid
+    with torch.inference_mode():
+        flat = nodes.flatten(0, 1).unsqueeze(1)  # (2*(1+K), 1, L, C): one image per group
+        stage0 = {a: reranker.stage0_self_graph(flat, grid, a).reshape(nodes.shape) for a in ("cdist", "bf16_matmul")}
+
+    def rerank(lever: str):
+        kernel, autocast, per_call = RERANK_LEVERS[lever]
+        kernel = RERANK_KERNELS[kernel]
+        x = stage0[kernel.attention] if kernel.precomputed_stage0 else nodes
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            return reranker(x[:per_call], grid, kernel)
+
+    times, peaks = {}, {}
+    for lever in RERANK_LEVERS:
+        rerank(lever)  # warm-up
+    for _ in range(repeats):
+        for lever in RERANK_LEVERS:
+            timed(lambda lever=lever: rerank(lever), repeats, lever, times, peaks)
+    return times, peaks
+
+
+def golden_accuracy(reranker: GraphReranker, golden_dir: Path) -> dict:
+    """Per lever: the largest |logit - float64 golden| on the golden input, and whether its order holds."""
+    nodes = torch.load(golden_dir / "reranker_io.pt", weights_only=True)["x_rerank"]  # (2, 4, 1200, 131)
+    truth = torch.load(golden_dir / "reranker_io_f64.pt", weights_only=True)["logits"]  # (2, 3, 2)
+    grid = reranker.grid
+    report = {}
+    for lever, (name, autocast, _) in RERANK_LEVERS.items():
+        kernel = RERANK_KERNELS[name]
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            x = nodes
+            if kernel.precomputed_stage0:
+                flat = nodes.flatten(0, 1).unsqueeze(1)
+                x = reranker.stage0_self_graph(flat, grid, kernel.attention).reshape(nodes.shape)
+            logits = reranker(x, grid, kernel).double()
+        order = logits.softmax(-1)[..., 1].argsort(-1)
+        report[lever] = {
+            "max_abs_logit_error_vs_f64": (logits - truth).abs().max().item(),
+            "golden_order_holds": bool(torch.equal(order, truth.softmax(-1)[..., 1].argsort(-1))),
+        }
+    return report
+
+
+def toy_part(checkpoint: Path, datasets_folder: Path, splits: list[str], top: int, work: Path) -> dict:
+    """Each TOY_SETTINGS entry end to end against float32 + plain kernel + float32 store on the trained toy model."""
+    model, _ = build_model(ModelConfig(), resume=str(checkpoint))
+    model = model.eval()
+    indexes = {name: load_split(SplitRequest(datasets_folder, "toy_world", name)) for name in splits}
+    base = EvalSettings(model.config.image_size, torch.device("cpu"), infer_batch_size=32, num_workers=0,
+                        rerank_top=top, rerank_batch_size=8, recall_values=[1, 5, 10, 20])  # fmt: skip
+    reference_settings = replace(base, rerank_kernel="plain", store_dtype="float32")
+    references = {name: evaluate(model, index, reference_settings, work) for name, index in indexes.items()}
+    results = {}
+    for label, overrides in TOY_SETTINGS.items():
+        settings = replace(base, **overrides)
+        per_split = {
+            name: compare(references[name], evaluate(model, index, settings, work), index.soft_positives_per_query, top)
+            for name, index in indexes.items()
+        }
+        results[label] = {"settings": overrides, **summarise(per_split), "per_split": per_split}
+        print(label, json.dumps({k: v for k, v in results[label].items() if k != "per_split"}), flush=True)
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [f"machine: {results['machine']}", ""]
+    if results.get("extraction"):
+        lines += ["| extraction lever | s/image | peak RSS growth MB | max abs global diff | kept nodes changed % | "
+                  "max abs local diff (nodes kept in both) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for lever, row in results["extraction"].items():
+            lines.append(f"| {lever} | {row['s_per_image']:.4f} | {row['peak_rss_growth_mb']:.0f} | "
+                         f"{row['max_abs_global_diff']:.2e} | {row['kept_nodes_changed_pct']:.2f} | "
+                         f"{row['max_abs_local_diff']:.2e} |")  # fmt: skip
+        lines.append("")
+    if results.get("reranking"):
+        tops = results["settings"]["tops"]
+        head = " | ".join(f"s/query top-{t} | peak MB top-{t}" for t in tops)
+        lines += [f"| reranker lever | {head} | max abs logit error vs f64 golden | golden order |",
+                  "|---|" + "---|" * (2 * len(tops) + 2)]  # fmt: skip
+        for lever, row in results["reranking"].items():
+            cells = " | ".join(
+                f"{row[f's_per_query_top{t}']:.3f} | {row[f'peak_rss_growth_mb_top{t}']:.0f}" for t in tops
+            )
+            error = row.get("max_abs_logit_error_vs_f64")
+            lines.append(f"| {lever} | {cells} | {'-' if error is None else f'{error:.2e}'} | "
+                         f"{row.get('golden_order_holds', '-')} |")  # fmt: skip
+        lines.append("")
+    if results.get("toy"):
+        lines += ["| toy model, against fp32 + plain | top-1 same % | dR@1 | dR@5 | dR@10 | meets the bar |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for label, row in results["toy"].items():
+            change = row["recall_change"]
+            lines.append(f"| {label} | {row['top1_unchanged_pct']:.2f} | {change['R@1']:.2f} | {change['R@5']:.2f} | "
+                         f"{change['R@10']:.2f} | {row['meets_accuracy_bar']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="writes <out>.json and <out>.md")
+    parser.add_argument("--golden_dir", type=Path, default=None, help="reference/golden: weights and f64 logits")
+    parser.add_argument("--toy_checkpoint", type=Path, default=None, help="the toy-world demo's trained reranker")
+    parser.add_argument("--datasets_folder", type=Path, default=Path("data"), help="holds toy_world/")
+    parser.add_argument("--toy_splits", nargs="+", default=["test", "val", "train"], help="toy splits compared")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of every setting (alternating)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the 2-core target machine)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: a micro DeiT at 128x128, top-3 and -5")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("extraction", "reranking", "toy"), help="parts")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    flags = sorted(cpu_flags() & {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2"})
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results = {
+        "machine": f"{args.threads} threads, native bf16: {cpu_has_native_bf16()}, flags {flags}, "
+        f"torch {torch.__version__}, load average at start {load}",
+        "settings": {"smoke": args.smoke, "tops": [3, 5] if args.smoke else [10, 100], "repeats": args.repeats},
+    }
+    if "extraction" not in args.skip:
+        size, batch, backbone = ((128, 128), 2, "deit_micro") if args.smoke else ((480, 640), 4, "deit_small")
+        results["extraction"] = extraction_part(size, batch, args.repeats, backbone)
+    if "reranking" not in args.skip:
+        grid, channels = ((8, 10), 35) if args.smoke else ((30, 40), 131)
+        golden = None if args.smoke else args.golden_dir
+        results["reranking"] = reranker_part(golden, results["settings"]["tops"], grid, channels, args.repeats)
+    if args.toy_checkpoint is not None and "toy" not in args.skip:
+        splits = ["test"] if args.smoke else args.toy_splits
+        top = 5 if args.smoke else 20
+        results["toy"] = toy_part(args.toy_checkpoint, args.datasets_folder, splits, top, Path(f"{args.out}_work"))
+    results["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps(results, indent=2))
+    Path(f"{args.out}.md").write_text(markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
