@@ -22,6 +22,7 @@ import util
 from model.backbone import patch_grid
 from model.checkpoint import CheckpointError, open_checkpoint
 from model.network import ModelConfig
+from model.precision import StagePrecisions, cpu_has_native_bf16, resolve_precision, resolve_stage_precisions
 from model.reranker import num_regions, rerank_kernel
 from places.folders import FOLDERS_NAME
 
@@ -313,6 +314,9 @@ def model_options(args: argparse.Namespace) -> dict:
 
 # What "auto" picks per device type (docs/reranker_speed.md). One-line switches, flipped only on GPU measurements.
 AUTO_RERANK_KERNEL = {"cpu": "stage0", "cuda": "plain"}
+# What "auto" picks where --precision auto runs the reranking in bfloat16: on the CPU the bfloat16 distance products
+# of stage0_bf16 (float32 linear layers, no autocast), on CUDA bfloat16 autocast of the plain kernel
+AUTO_BF16_RERANK_KERNEL = {"cpu": "stage0_bf16", "cuda": "plain"}
 AUTO_IMAGE_DECODER = {"cpu": "pil", "cuda": "pil"}
 
 
@@ -324,7 +328,8 @@ class EvalSettings:
 
     image_size: tuple[int, int]  # (H, W), from --resize
     device: torch.device
-    precision: str = "fp32"
+    precision: str = "fp32"  # the network's forward at extraction: "bf16" runs it under bfloat16 autocast
+    reranking_precision: str = "fp32"  # the reranker's autocast (the fused kernels fix their own precision)
     infer_batch_size: int = 32
     num_workers: int = 2
     rerank_top: int = 100
@@ -340,16 +345,44 @@ class EvalSettings:
     faiss_index: str | None = None  # index-factory string for approximate search; None: exact
     faiss_nprobe: int = 32
     faiss_train_size: int = 100_000
+    precision_choice: StagePrecisions | None = None  # what --precision asked and resolved to (None: set in code)
+
+    def resolved(self) -> dict:
+        """What ran, where the flags said "auto" (results.json's "resolved", docs/outputs.md): the reranker kernel,
+        the precision of each stage and why, the preprocessing, the image decoder, and whether this CPU multiplies
+        bfloat16 natively."""
+        choice = self.precision_choice or StagePrecisions(
+            self.precision, self.precision, self.reranking_precision, "set by the caller"
+        )
+        return {
+            "rerank_kernel": self.rerank_kernel,
+            "precision": choice.to_dict(),
+            "preprocessing": self.preprocessing,
+            "image_decoder": self.image_decoder,
+            "cpu_native_bf16": cpu_has_native_bf16(),
+        }
 
 
 # EvalSettings fields that do not come from the flag of the same name
-_DERIVED_EVAL_FIELDS = ("image_size", "device", "rerank_kernel", "image_decoder")
+_DERIVED_EVAL_FIELDS = (
+    "image_size",
+    "device",
+    "precision",
+    "reranking_precision",
+    "rerank_kernel",
+    "image_decoder",
+    "precision_choice",
+)
 
 
 def eval_settings(args, device: torch.device) -> EvalSettings:
     """EvalSettings from the evaluation flags (shared with train_reranking.py's validation), field by field; "auto"
     resolved for the device. A fused kernel on the CPU is refused here, before any work."""
-    kernel = rerank_kernel(resolve_auto(args.rerank_kernel, AUTO_RERANK_KERNEL, device))
+    choice = resolve_stage_precisions(args.precision, device)
+    bf16_by_auto = args.precision == "auto" and choice.reranking == "bf16"
+    kernel = rerank_kernel(
+        resolve_auto(args.rerank_kernel, AUTO_BF16_RERANK_KERNEL if bf16_by_auto else AUTO_RERANK_KERNEL, device)
+    )
     if kernel.fused and device.type != "cuda":
         raise util.PRGSError(
             f"--rerank_kernel {kernel.name} runs on CUDA only (device {device}); use stage0 (or plain) on the CPU"
@@ -361,10 +394,20 @@ def eval_settings(args, device: torch.device) -> EvalSettings:
     return EvalSettings(
         image_size=tuple(args.resize),
         device=device,
+        precision=choice.extraction,
+        # under auto, stage0_bf16 is how the reranking runs bfloat16: its own products, no autocast
+        reranking_precision="fp32" if bf16_by_auto and kernel.attention == "bf16_matmul" else choice.reranking,
         rerank_kernel=kernel.name,
+        precision_choice=choice,
         image_decoder=resolve_auto(image_decoder, AUTO_IMAGE_DECODER, device),
         **flags,
     )
+
+
+def forward_precision(args, device: torch.device) -> str:
+    """--precision resolved for the network's forward outside an evaluation (mining's descriptors): "fp32" or
+    "bf16", as the extraction stage resolves it (model.precision.resolve_precision)."""
+    return resolve_precision(args.precision, device, "extraction")
 
 
 def resolve_auto(value: str, auto: dict[str, str], device: torch.device) -> str:

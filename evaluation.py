@@ -41,6 +41,7 @@ class Evaluation:
     store_tier: str | None = None  # where the local features were held: device, host or disk
     retrieval: dict = field(default_factory=dict)  # the index searched; with --faiss_index, exact search beside it
     ranks: dict = field(default_factory=dict)  # world_size, images_per_rank (extracted), queries_per_rank (reranked)
+    resolved: dict = field(default_factory=dict)  # what ran where a flag said "auto" (EvalSettings.resolved)
 
 
 def evaluate(
@@ -85,6 +86,7 @@ def evaluate(
         store_tier=store.tier if store is not None else None,
         retrieval=search.report,
         ranks=rank_counts(index, settings, with_rerank),
+        resolved=settings.resolved(),
     )
 
 

@@ -135,6 +135,7 @@ def build_results(
         },
         "retrieval": retrieval_summary(evaluation.retrieval),
         "distributed": evaluation.ranks,
+        "resolved": evaluation.resolved,
         "model": model.config.to_dict(),
         "checkpoint": None if checkpoint is None else {"path": str(checkpoint.path), "layout": checkpoint.layout},
         "environment": {

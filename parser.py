@@ -8,6 +8,7 @@ import argparse
 import math
 
 from config import (
+    AUTO_BF16_RERANK_KERNEL,
     AUTO_IMAGE_DECODER,
     AUTO_RERANK_KERNEL,
     auto_text,
@@ -19,6 +20,7 @@ from config import (
 from feature_store import DEVICE_MEMORY_SHARE, FEATURE_DTYPES, HOST_MEMORY_SHARE, TIERS
 from model.backbone import BACKBONES
 from model.network import INPUT_NORMS, LOCAL_HEAD_INITS
+from model.precision import PRECISION_CHOICES
 from model.reranker import RERANK_KERNELS
 from places.images import IMAGE_DECODERS
 
@@ -213,10 +215,13 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
     group = parser.add_argument_group("computation")
     group.add_argument(
         "--precision",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="bf16 runs the network under bfloat16 autocast (fast on recent GPUs; node ranking and "
-        "scores stay float32)",
+        choices=PRECISION_CHOICES,
+        default="auto",
+        help="auto: bfloat16 only on hardware that multiplies it natively (CUDA compute capability >= 8.0, CPUs "
+        "with AMX or AVX-512 BF16) AND only for the stages whose measured accuracy bound holds (none today: "
+        "extraction and reranking run float32; docs/reranker_speed.md); fp32: exact, reproduces the published "
+        "numbers; bf16: the network and the reranker under bfloat16 autocast everywhere (fast on recent GPUs; node "
+        "ranking and scores stay float32). results.json records what ran",
     )
     group.add_argument(
         "--infer_batch_size",
@@ -253,7 +258,9 @@ def add_speed_args(parser: argparse.ArgumentParser) -> None:
         help="how the reranker computes (docs/reranker_speed.md): 'plain' reproduces the reference; 'stage0' runs "
         "each image's stage-0 self graph once, at extraction, instead of once per (query, candidate) pair (same "
         "function); 'fused_tf32' / 'fused_bf16' add a fused Triton distance attention on TF32 / bf16 tensor cores "
-        f"(CUDA; other rounding). auto: {auto_text(AUTO_RERANK_KERNEL)}. The fused kernels ignore --precision",
+        f"(CUDA; other rounding); 'stage0_bf16': stage0 with bfloat16 distance products (CPUs with native bfloat16). "
+        f"auto: {auto_text(AUTO_RERANK_KERNEL)}; where --precision auto runs the reranking in bfloat16: "
+        f"{auto_text(AUTO_BF16_RERANK_KERNEL)}. The fused kernels ignore --precision",
     )
     group.add_argument(
         "--store_dtype",

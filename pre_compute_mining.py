@@ -16,7 +16,7 @@ import numpy as np
 
 import distributed
 import runs
-from config import model_options
+from config import forward_precision, model_options
 from datasets_ws import load_split, split_request
 from extraction import ExtractionSettings, global_descriptors
 from mining import (
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> str:
             logger.warning("no --resume: mining with an untrained global model gives poor negatives")
         model = model.to(run.device)
         loop = ExtractionSettings(
-            args.resize, run.device, args.infer_batch_size, args.num_workers, args.precision,
+            args.resize, run.device, args.infer_batch_size, args.num_workers, forward_precision(args, run.device),
             preprocessing=args.preprocessing,
         )  # fmt: skip
         descriptors = global_descriptors(model, index, np.arange(len(index)), loop)

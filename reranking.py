@@ -105,10 +105,11 @@ def _resort(
 
 
 def _scorer(model: PRGSNetwork, kernel: RerankKernel, settings: EvalSettings) -> Callable[[torch.Tensor], torch.Tensor]:
-    """nodes (b, 1+K, L, C) -> P(same place) (b, K): the reranker with ``kernel``, under the --precision autocast
-    for the cdist kernels (the fused kernels fix their own precision), as a CUDA graph when asked."""
+    """nodes (b, 1+K, L, C) -> P(same place) (b, K): the reranker with ``kernel``, under the autocast of
+    settings.reranking_precision for the cdist kernels (the fused kernels fix their own precision), as a CUDA graph
+    when asked."""
     grid = patch_grid(settings.image_size)
-    precision = "fp32" if kernel.fused else settings.precision
+    precision = "fp32" if kernel.fused else settings.reranking_precision
 
     def score(nodes: torch.Tensor) -> torch.Tensor:
         with util.autocast(settings.device, precision):

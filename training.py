@@ -259,7 +259,9 @@ class Trainer:
 
     def _extraction_settings(self) -> ExtractionSettings:
         args = self.args
-        return ExtractionSettings(args.resize, self.device, args.infer_batch_size, args.num_workers, args.precision)
+        return ExtractionSettings(
+            args.resize, self.device, args.infer_batch_size, args.num_workers, self.settings.precision
+        )
 
     def _batches(self, tuples: Tuples):
         """(images (b, T, 3, H, W) or None when the cache holds the backbone outputs, image ids (b, T)) of the
@@ -316,7 +318,7 @@ class Trainer:
         args = self.args
         if images is not None:
             images = images.to(self.device, non_blocking=True)
-        with util.autocast(self.device, args.precision):
+        with util.autocast(self.device, self.settings.precision):  # the network's forward: extraction's precision
             loss, parts = self.objective(images, image_ids)
         if not torch.isfinite(loss.detach()):
             raise self._diverged(f"the loss is {float(loss.detach())}")

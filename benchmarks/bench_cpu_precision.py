@@ -64,9 +64,13 @@ RERANK_LEVERS = {  # name -> (kernel, autocast, queries per call)
 }
 TOY_SETTINGS = {  # name -> EvalSettings overrides, against float32 + plain kernel + float32 store
     "stage0 fp32 (today's CPU default)": dict(rerank_kernel="stage0"),
-    "bf16 extraction + stage0 (bf16 autocast)": dict(rerank_kernel="stage0", precision="bf16"),
+    "bf16 extraction + stage0 (bf16 autocast)": dict(
+        rerank_kernel="stage0", precision="bf16", reranking_precision="bf16"
+    ),
     "stage0_bf16 (fp32 extraction)": dict(rerank_kernel="stage0_bf16"),
-    "bf16 extraction + stage0_bf16 (autocast)": dict(rerank_kernel="stage0_bf16", precision="bf16"),
+    "bf16 extraction + stage0_bf16 (autocast)": dict(
+        rerank_kernel="stage0_bf16", precision="bf16", reranking_precision="bf16"
+    ),
 }
 
 

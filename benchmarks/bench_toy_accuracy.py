@@ -41,7 +41,8 @@ CONFIGS = [  # most needed first: a deadline skips the last ones
                                                      image_decoder="torchvision")),
     ("stage0, float32 store", dict(rerank_kernel="stage0", store_dtype="float32")),
     ("plain, float16 store (today's default)", dict(rerank_kernel="plain")),
-    ("bf16 extraction + stage0 (bf16 autocast)", dict(rerank_kernel="stage0", precision="bf16")),
+    ("bf16 extraction + stage0 (bf16 autocast)", dict(rerank_kernel="stage0", precision="bf16",
+                                                     reranking_precision="bf16")),
 ]  # fmt: skip
 SMOKE_CONFIGS = [CONFIGS[0], CONFIGS[4], CONFIGS[6], CONFIGS[8]]
 

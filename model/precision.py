@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import platform
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -68,6 +69,20 @@ def cuda_has_native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(index) >= MIN_CUDA_CAPABILITY_BF16
 
 
+@dataclass(frozen=True)
+class StagePrecisions:
+    """What ``--precision`` asked for, what each stage of an evaluation runs ("fp32" or "bf16") and why."""
+
+    requested: str  # "auto", "fp32" or "bf16"
+    extraction: str  # the network's forward (backbone and local features)
+    reranking: str  # the reranker
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        """{"requested", "extraction", "reranking", "reason"}, as results.json records it (docs/outputs.md)."""
+        return asdict(self)
+
+
 def resolve_precision(requested: str, device: torch.device, stage: str | None = None) -> str:
     """``--precision`` ("auto", "fp32" or "bf16") on ``device`` -> the precision to run: "fp32" or "bf16".
 
@@ -76,22 +91,44 @@ def resolve_precision(requested: str, device: torch.device, stage: str | None = 
     (cpu_has_native_bf16), "fp32" elsewhere; with a ``stage`` ("extraction" or "reranking") only where
     AUTO_BF16_STAGES allows it. The log says which and why.
     """
+    device = torch.device(device)
+    chosen, why = _choose(requested, device, stage)
+    if requested == "auto":
+        logger.info("--precision auto: %s%s on %s (%s)", chosen, f" for {stage}" if stage else "", device.type, why)
+    elif why:
+        logger.warning("--precision %s on %s: %s", requested, device.type, why)
+    return chosen
+
+
+def resolve_stage_precisions(requested: str, device: torch.device) -> StagePrecisions:
+    """``--precision`` on ``device`` -> the precision of each stage (resolve_precision's rules per stage), logged
+    once in one line."""
+    device = torch.device(device)
+    (extraction, why_extraction), (reranking, why_reranking) = (
+        _choose(requested, device, stage) for stage in ("extraction", "reranking")
+    )
+    reasons = dict.fromkeys(why for why in (why_extraction, why_reranking) if why)  # once each, in order
+    reason = "; ".join(reasons) or f"--precision {requested}"
+    choice = StagePrecisions(requested, extraction, reranking, reason)
+    log = logger.warning if requested == "bf16" and reasons else logger.info
+    log("--precision %s on %s: extraction %s, reranking %s (%s)", requested, device.type, extraction, reranking, reason)
+    return choice
+
+
+def _choose(requested: str, device: torch.device, stage: str | None) -> tuple[str, str]:
+    """(the precision resolve_precision picks, why; "" for an explicit choice the hardware runs natively)."""
     if requested not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}, got {requested!r}")
     if stage is not None and stage not in AUTO_BF16_STAGES:
         raise ValueError(f"stage must be one of {', '.join(AUTO_BF16_STAGES)}, got {stage!r}")
-    device = torch.device(device)
     native = _has_native_bf16(device)
     if requested == "auto":
-        chosen = "bf16" if native else "fp32"
-        why = _why(device, native)
         if native and stage is not None and not AUTO_BF16_STAGES[stage]:
-            chosen, why = "fp32", f"bfloat16 {stage} misses the accuracy bar (model.precision.AUTO_BF16_STAGES)"
-        logger.info("--precision auto: %s%s on %s (%s)", chosen, f" for {stage}" if stage else "", device.type, why)
-        return chosen
+            return "fp32", f"bfloat16 {stage} misses the accuracy bar (model.precision.AUTO_BF16_STAGES)"
+        return ("bf16" if native else "fp32"), _why(device, native)
     if requested == "bf16" and not native:
-        logger.warning("--precision bf16 on %s: %s, so bfloat16 is emulated and slow", device.type, _why(device, False))
-    return requested
+        return requested, f"{_why(device, False)}, so bfloat16 is emulated and slow"
+    return requested, ""
 
 
 def _has_native_bf16(device: torch.device) -> bool:

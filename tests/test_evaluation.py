@@ -211,6 +211,14 @@ def test_test_py_end_to_end_on_the_toy_world(small_toy_world, tmp_path, monkeypa
     # the CPU default: stage-0 rows (90 kept + 1 shared, 3 + 32 channels, float16) held in RAM
     assert on_disk["store"]["bytes_per_image"] == (90 + 1) * (3 + 32) * 2 + 90 * 2  # toy preset: local_dim 32
     assert on_disk["store"]["tier"] == "host" and on_disk["configuration"]["rerank_kernel"] == "auto"
+    resolved = on_disk["resolved"]  # what "auto" resolved to: float32 on any CPU today
+    assert resolved["rerank_kernel"] == "stage0" and resolved["preprocessing"] == resolved["image_decoder"] == "pil"
+    assert {k: v for k, v in resolved["precision"].items() if k != "reason"} == {
+        "requested": "auto",
+        "extraction": "fp32",
+        "reranking": "fp32",
+    }
+    assert resolved["precision"]["reason"] and isinstance(resolved["cpu_native_bf16"], bool)
     assert (run_folder / "info.log").is_file() and (run_folder / "debug.log").is_file()
     assert not (run_folder / "local_features").exists()
     with open(run_folder / "predictions.csv") as file:
