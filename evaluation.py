@@ -22,7 +22,7 @@ from metrics import rank_counts, recall_at_n
 from model.network import PRGSNetwork
 from places.index import DatasetError, PlaceIndex
 from reranking import rerank_shared
-from retrieval import clamp_top_k, global_retrieval
+from retrieval import ShortlistSource, candidates_retrieval, clamp_top_k, global_retrieval
 
 
 @dataclass
@@ -44,22 +44,32 @@ class Evaluation:
 
 
 def evaluate(
-    model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, work_folder: Path, with_rerank: bool = True
+    model: PRGSNetwork,
+    index: PlaceIndex,
+    settings: EvalSettings,
+    work_folder: Path,
+    with_rerank: bool = True,
+    source: ShortlistSource | None = None,
 ) -> Evaluation:
     """Extract, search, rerank and score one split. The local-feature store (in work_folder/local_features for the
     disk tier) is dropped at the end, however the evaluation ends (an error, Ctrl-C, a full disk).
-    with_rerank=False skips the reranking (reranked = global order). With several ranks each reranks its whole
-    batches of queries and every rank returns the whole Evaluation."""
+    with_rerank=False skips the reranking (reranked = global order). ``source``: where the shortlist comes from
+    (default PRGS's own global descriptors; another global model's, or a file of candidates); its record goes into
+    the retrieval report. With several ranks each reranks its whole batches of queries and every rank returns the
+    whole Evaluation."""
+    source = source or ShortlistSource()
     if index.queries_num == 0 or index.database_num == 0:
         raise DatasetError(f"{index.summary()} has no queries or no database images: there is nothing to evaluate")
     store_folder = work_folder / "local_features"
     store = None
     try:
         start = time.perf_counter()
-        descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
+        descriptors, store, timings = extract_features(
+            model, index, settings, store_folder if with_rerank else None, source.retriever
+        )
         timings["extraction_seconds"] = time.perf_counter() - start
         top = clamp_top_k(settings.rerank_top, index.database_num)
-        search = _search(descriptors, index.database_num, top, settings, timings)
+        search = _search(descriptors, index, top, settings, timings, source)
         if with_rerank:
             reranked, scores = _rerank(
                 model, store, search, index.database_num, replace(settings, rerank_top=top), timings
@@ -100,13 +110,25 @@ class _Search:
 
 
 def _search(
-    descriptors: np.ndarray, database_num: int, top: int, settings: EvalSettings, timings: dict[str, float]
+    descriptors: np.ndarray,
+    index: PlaceIndex,
+    top: int,
+    settings: EvalSettings,
+    timings: dict[str, float],
+    source: ShortlistSource,
 ) -> _Search:
     """Global retrieval of the queries' descriptors among the database's (descriptors (N, D), database first), for
-    enough columns to rerank ``top`` and to count every recall@N; its times go into ``timings``."""
-    num_columns = clamp_top_k(max(top, max(settings.recall_values)), database_num, "recall@N")
+    enough columns to rerank ``top`` and to count every recall@N, or the file of candidates' shortlists; its times
+    go into ``timings``, the source's record into the report."""
+    database_num = index.database_num
     start = time.perf_counter()
-    search = _Search(*global_retrieval(descriptors[:database_num], descriptors[database_num:], num_columns, settings))
+    if source.candidates is not None:
+        search = _Search(*candidates_retrieval(source.candidates, index, top))
+    else:
+        num_columns = clamp_top_k(max(top, max(settings.recall_values)), database_num, "recall@N")
+        database, queries = descriptors[:database_num], descriptors[database_num:]
+        search = _Search(*global_retrieval(database, queries, num_columns, settings))
+    search.report["shortlist"] = source.record()
     timings["retrieval_seconds"] = time.perf_counter() - start
     timings["retrieval_ms_per_query"] = search.report["ms_per_query"]
     return search
