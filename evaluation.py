@@ -62,14 +62,16 @@ def evaluate(
         raise DatasetError(f"{index.summary()} has no queries or no database images: there is nothing to evaluate")
     store_folder = work_folder / "local_features"
     store = None
+    top = clamp_top_k(settings.rerank_top, index.database_num)
+    from_file = _read_candidates(source, index, top)  # a file that does not fit is refused before any extraction
     try:
         start = time.perf_counter()
         descriptors, store, timings = extract_features(
             model, index, settings, store_folder if with_rerank else None, source.retriever
         )
         timings["extraction_seconds"] = time.perf_counter() - start
-        top = clamp_top_k(settings.rerank_top, index.database_num)
-        search = _search(descriptors, index, top, settings, timings, source)
+        search = _search(descriptors, index.database_num, top, settings, timings, from_file)
+        search.report["shortlist"] = source.record()
         if with_rerank:
             reranked, scores = _rerank(
                 model, store, search, index.database_num, replace(settings, rerank_top=top), timings
@@ -109,27 +111,33 @@ class _Search:
     report: dict
 
 
+def _read_candidates(source: ShortlistSource, index: PlaceIndex, top: int) -> _Search | None:
+    """The shortlists of source's candidates file (each at least ``top`` long), or None without one."""
+    if source.candidates is None:
+        return None
+    return _Search(*candidates_retrieval(source.candidates, index, top))
+
+
 def _search(
     descriptors: np.ndarray,
-    index: PlaceIndex,
+    database_num: int,
     top: int,
     settings: EvalSettings,
     timings: dict[str, float],
-    source: ShortlistSource,
+    from_file: _Search | None = None,
 ) -> _Search:
     """Global retrieval of the queries' descriptors among the database's (descriptors (N, D), database first), for
-    enough columns to rerank ``top`` and to count every recall@N, or the file of candidates' shortlists; its times
-    go into ``timings``, the source's record into the report."""
-    database_num = index.database_num
+    enough columns to rerank ``top`` and to count every recall@N, unless the shortlists came ``from_file``; its
+    times go into ``timings``."""
     start = time.perf_counter()
-    if source.candidates is not None:
-        search = _Search(*candidates_retrieval(source.candidates, index, top))
+    if from_file is not None:
+        search = from_file  # read before the extraction: its reading time is ms_per_query's
+        timings["retrieval_seconds"] = search.report["ms_per_query"] * len(search.predictions) / 1000
     else:
         num_columns = clamp_top_k(max(top, max(settings.recall_values)), database_num, "recall@N")
         database, queries = descriptors[:database_num], descriptors[database_num:]
         search = _Search(*global_retrieval(database, queries, num_columns, settings))
-    search.report["shortlist"] = source.record()
-    timings["retrieval_seconds"] = time.perf_counter() - start
+        timings["retrieval_seconds"] = time.perf_counter() - start
     timings["retrieval_ms_per_query"] = search.report["ms_per_query"]
     return search
 

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import faiss
@@ -39,6 +39,7 @@ class ShortlistSource:
 
     retriever: GlobalRetriever | None = None
     candidates: Path | None = None
+    _record: dict | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def open(cls, settings: ShortlistSettings, device: torch.device, precision: str = "fp32") -> ShortlistSource:
@@ -49,12 +50,15 @@ class ShortlistSource:
 
     def record(self) -> dict:
         """What results.json records of the source: the global model's spec with the SHA-1 of its weights file (and
-        of any file its keyword arguments name), or the candidates file with its SHA-1."""
-        if self.candidates is not None:
-            return {"candidates": str(self.candidates), "candidates_sha1": file_sha1(self.candidates)}
-        if self.retriever is None:
-            return {"global_model": OWN_MODEL}
-        return {"global_model": spec_record(self.retriever.spec)}
+        of any file its keyword arguments name), or the candidates file with its SHA-1 (hashed once per source)."""
+        if self._record is None:
+            if self.candidates is not None:
+                self._record = {"candidates": str(self.candidates), "candidates_sha1": file_sha1(self.candidates)}
+            elif self.retriever is None:
+                self._record = {"global_model": OWN_MODEL}
+            else:
+                self._record = {"global_model": spec_record(self.retriever.spec)}
+        return dict(self._record)
 
 
 def spec_record(spec: GlobalModelSpec) -> dict:
