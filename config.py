@@ -25,6 +25,7 @@ from model.network import ModelConfig
 from model.precision import StagePrecisions, cpu_has_native_bf16, resolve_precision, resolve_stage_precisions
 from model.reranker import num_regions, rerank_kernel
 from places.folders import FOLDERS_NAME
+from retrievers import OWN_MODEL, GlobalModelError, GlobalModelSpec, global_model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +226,11 @@ def complete_test_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         if args.dataset_name not in (parser.get_default("dataset_name"), FOLDERS_NAME):
             parser.error(f"--database_folder/--queries_folder replace --dataset_name (got {args.dataset_name})")
         args.dataset_name = FOLDERS_NAME
+    _check_datasets(args, parser)
     apply_presets(args, parser)
     resolve_preprocessing(args, evaluates_checkpoints=True)
     _check_decoder(args, parser)
+    _check_shortlist_flags(args, parser)
     return args
 
 
@@ -245,8 +248,14 @@ def complete_train_args(args: argparse.Namespace, parser: argparse.ArgumentParse
         parser.error("--mining global needs --hard_negatives FILE (made by pre_compute_mining.py)")
     if args.mining == "global" and args.neg_hardness < args.negs_num_per_query:
         parser.error(f"--neg_hardness {args.neg_hardness} must be >= --negs_num_per_query {args.negs_num_per_query}")
+    if args.global_model != OWN_MODEL and args.train_stage != "reranker":
+        parser.error(
+            f"--global_model {args.global_model} makes the shortlist in front of a trained reranker: it goes with "
+            f"--train_stage reranker, not {args.train_stage} (which trains PRGS's own global descriptor)"
+        )
     resolve_preprocessing(args, evaluates_checkpoints=False)
     _check_decoder(args, parser)
+    _check_shortlist_flags(args, parser)
     return args
 
 
@@ -255,8 +264,97 @@ def complete_mining_args(args: argparse.Namespace, parser: argparse.ArgumentPars
     output file."""
     apply_presets(args, parser, reranks=False)
     resolve_preprocessing(args, evaluates_checkpoints=True)
+    _check_shortlist_flags(args, parser)
     args.output = args.output or f"result/{args.dataset_name}_hard_negatives.npz"
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the shortlist comes from, and the datasets of one evaluation
+
+
+@dataclass(frozen=True)
+class ShortlistSettings:
+    """Where the shortlist to rerank comes from (docs/retrievers.md): PRGS's own global descriptors (both None),
+    another global model's (``global_model``, from --global_model, --global_model_kwargs, --global_weights), or a
+    file of ranked candidates made by another tool (``candidates``, --candidates)."""
+
+    global_model: GlobalModelSpec | None = None
+    candidates: Path | None = None
+
+
+def shortlist_settings(args) -> ShortlistSettings:
+    """ShortlistSettings from the flags (an entry point without --candidates or --global_model gets None there)."""
+    spec = None
+    if getattr(args, "global_model", OWN_MODEL) != OWN_MODEL:
+        spec = global_model_spec(args.global_model, args.global_model_kwargs or "", args.global_weights)
+    candidates = getattr(args, "candidates", None)
+    return ShortlistSettings(spec, None if candidates is None else Path(candidates))
+
+
+def _check_shortlist_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--global_model named correctly, its weights file there; --candidates alone in front of the reranker, on one
+    split, without what needs global distances (--rerank_fusion) or descriptors (--faiss_index)."""
+    try:
+        settings = shortlist_settings(args)
+    except GlobalModelError as error:
+        parser.error(str(error))
+    if args.global_weights is not None and settings.global_model is None:
+        parser.error(f"--global_weights {args.global_weights} needs a --global_model other than {OWN_MODEL}")
+    if args.global_weights is not None and not Path(args.global_weights).expanduser().is_file():
+        parser.error(f"--global_weights {args.global_weights}: file not found")
+    if settings.candidates is None:
+        return
+    clashes = {
+        "--global_model": settings.global_model is not None,
+        "--rerank_fusion (the file has no global distances)": args.rerank_fusion > 0,
+        "--faiss_index (no descriptors are searched)": args.faiss_index is not None,
+        "--datasets (the file lists the shortlists of one split)": getattr(args, "datasets", None) is not None,
+    }
+    for flag, given in clashes.items():
+        if given:
+            parser.error(f"--candidates {settings.candidates} makes the shortlist: it cannot go with {flag}")
+    if not settings.candidates.is_file():
+        parser.error(f"--candidates {settings.candidates}: file not found")
+
+
+@dataclass(frozen=True)
+class DatasetSplit:
+    """One item of --datasets: a dataset's name (as --dataset_name) and a split."""
+
+    dataset_name: str
+    split: str
+
+
+SPLITS = ("train", "val", "test")
+
+
+def parse_datasets(text: str) -> list[DatasetSplit]:
+    """--datasets ``toy_world:val,pitts30k:test,msls:val`` -> the DatasetSplits, in order; ValueError naming the item
+    for one without a split, with an unknown split, or given twice."""
+    items = []
+    for item in (part.strip() for part in text.split(",")):
+        name, colon, split = item.rpartition(":")
+        if not colon or not name or split not in SPLITS:
+            raise ValueError(f"--datasets: expected NAME:SPLIT with SPLIT one of {', '.join(SPLITS)}, got {item!r}")
+        if DatasetSplit(name, split) in items:
+            raise ValueError(f"--datasets: {item} is given twice")
+        items.append(DatasetSplit(name, split))
+    return items
+
+
+def _check_datasets(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--datasets parsed (args.dataset_splits) and its first dataset taken as --dataset_name, whose preset fills the
+    unset model flags: one configuration for every dataset of the table."""
+    if args.datasets is None:
+        return
+    if args.database_folder is not None:
+        parser.error("--datasets evaluates dataset splits; it cannot go with --database_folder/--queries_folder")
+    try:
+        first = parse_datasets(args.datasets)[0]
+    except ValueError as error:
+        parser.error(str(error))
+    args.dataset_name, args.split = first.dataset_name, first.split
 
 
 # ----------------------------------------------------------------------------------------------------------------

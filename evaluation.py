@@ -22,7 +22,7 @@ from metrics import rank_counts, recall_at_n
 from model.network import PRGSNetwork
 from places.index import DatasetError, PlaceIndex
 from reranking import rerank_shared
-from retrieval import clamp_top_k, global_retrieval
+from retrieval import ShortlistSource, candidates_retrieval, clamp_top_k, global_retrieval
 
 
 @dataclass
@@ -45,22 +45,34 @@ class Evaluation:
 
 
 def evaluate(
-    model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, work_folder: Path, with_rerank: bool = True
+    model: PRGSNetwork,
+    index: PlaceIndex,
+    settings: EvalSettings,
+    work_folder: Path,
+    with_rerank: bool = True,
+    source: ShortlistSource | None = None,
 ) -> Evaluation:
     """Extract, search, rerank and score one split. The local-feature store (in work_folder/local_features for the
     disk tier) is dropped at the end, however the evaluation ends (an error, Ctrl-C, a full disk).
-    with_rerank=False skips the reranking (reranked = global order). With several ranks each reranks its whole
-    batches of queries and every rank returns the whole Evaluation."""
+    with_rerank=False skips the reranking (reranked = global order). ``source``: where the shortlist comes from
+    (default PRGS's own global descriptors; another global model's, or a file of candidates); its record goes into
+    the retrieval report. With several ranks each reranks its whole batches of queries and every rank returns the
+    whole Evaluation."""
+    source = source or ShortlistSource()
     if index.queries_num == 0 or index.database_num == 0:
         raise DatasetError(f"{index.summary()} has no queries or no database images: there is nothing to evaluate")
     store_folder = work_folder / "local_features"
     store = None
+    top = clamp_top_k(settings.rerank_top, index.database_num)
+    from_file = _read_candidates(source, index, top)  # a file that does not fit is refused before any extraction
     try:
         start = time.perf_counter()
-        descriptors, store, timings = extract_features(model, index, settings, store_folder if with_rerank else None)
+        descriptors, store, timings = extract_features(
+            model, index, settings, store_folder if with_rerank else None, source.retriever
+        )
         timings["extraction_seconds"] = time.perf_counter() - start
-        top = clamp_top_k(settings.rerank_top, index.database_num)
-        search = _search(descriptors, index.database_num, top, settings, timings)
+        search = _search(descriptors, index.database_num, top, settings, timings, from_file)
+        search.report["shortlist"] = source.record()
         if with_rerank:
             reranked, scores = _rerank(
                 model, store, search, index.database_num, replace(settings, rerank_top=top), timings
@@ -101,15 +113,33 @@ class _Search:
     report: dict
 
 
+def _read_candidates(source: ShortlistSource, index: PlaceIndex, top: int) -> _Search | None:
+    """The shortlists of source's candidates file (each at least ``top`` long), or None without one."""
+    if source.candidates is None:
+        return None
+    return _Search(*candidates_retrieval(source.candidates, index, top))
+
+
 def _search(
-    descriptors: np.ndarray, database_num: int, top: int, settings: EvalSettings, timings: dict[str, float]
+    descriptors: np.ndarray,
+    database_num: int,
+    top: int,
+    settings: EvalSettings,
+    timings: dict[str, float],
+    from_file: _Search | None = None,
 ) -> _Search:
     """Global retrieval of the queries' descriptors among the database's (descriptors (N, D), database first), for
-    enough columns to rerank ``top`` and to count every recall@N; its times go into ``timings``."""
-    num_columns = clamp_top_k(max(top, max(settings.recall_values)), database_num, "recall@N")
+    enough columns to rerank ``top`` and to count every recall@N, unless the shortlists came ``from_file``; its
+    times go into ``timings``."""
     start = time.perf_counter()
-    search = _Search(*global_retrieval(descriptors[:database_num], descriptors[database_num:], num_columns, settings))
-    timings["retrieval_seconds"] = time.perf_counter() - start
+    if from_file is not None:
+        search = from_file  # read before the extraction: its reading time is ms_per_query's
+        timings["retrieval_seconds"] = search.report["ms_per_query"] * len(search.predictions) / 1000
+    else:
+        num_columns = clamp_top_k(max(top, max(settings.recall_values)), database_num, "recall@N")
+        database, queries = descriptors[:database_num], descriptors[database_num:]
+        search = _Search(*global_retrieval(database, queries, num_columns, settings))
+        timings["retrieval_seconds"] = time.perf_counter() - start
     timings["retrieval_ms_per_query"] = search.report["ms_per_query"]
     return search
 

@@ -32,8 +32,9 @@ from feature_store import (
 from model.backbone import patch_grid
 from model.network import PRGSNetwork
 from model.reranker import RerankKernel, rerank_kernel
-from places.images import decode_images, normalize_images
+from places.images import IMAGENET_MEAN, IMAGENET_STD, decode_images, normalize_images
 from places.index import PlaceIndex
+from retrievers import GlobalRetriever
 
 logger = logging.getLogger(__name__)
 
@@ -139,21 +140,59 @@ def global_descriptors(
     image_ids: Sequence[int] | np.ndarray,
     loop: ExtractionSettings,
     description: str = "global descriptors",
+    retriever: GlobalRetriever | None = None,
 ) -> np.ndarray:
     """Global descriptors (n, D) float32 of the images ``image_ids`` (global indices of ``index``), in that order,
-    from the network's global-only mode. With several ranks each computes its whole batches of the list
-    (distributed.shard_bounds) and every rank receives all n rows."""
+    from the network's global-only mode, or from ``retriever`` (another global model) when given. With several
+    ranks each computes its whole batches of the list (distributed.shard_bounds) and every rank receives all n
+    rows."""
     image_ids = np.asarray(image_ids, dtype=np.int64)
     own = image_ids[distributed.shard_bounds(len(image_ids), loop.batch_size)]
-    descriptors = np.empty((len(own), model.config.fc_output_dim), dtype=np.float32)
+    descriptors = np.empty((len(own), descriptor_dim(model, retriever, loop)), dtype=np.float32)
+    network = model if retriever is None else retriever.model
     start = 0
     with distributed.stop_together(description):
-        for _, batch in image_batches(
-            model, lambda images: model(images, global_only=True), index, own, loop, description
+        for _, (batch, _) in image_batches(
+            network, shortlist_forward(model, retriever, with_local=False), index, own, loop, description
         ):
             descriptors[start : start + len(batch)] = batch.float().cpu().numpy()
             start += len(batch)
     return distributed.gather_rows(descriptors)
+
+
+def descriptor_dim(model: PRGSNetwork, retriever: GlobalRetriever | None, loop: ExtractionSettings) -> int:
+    """D of the global descriptors that make the shortlist: the network's, or the retriever's (measured on one grey
+    image of the loop's size, since a hub model need not say)."""
+    if retriever is None:
+        return model.config.fc_output_dim
+    grey = torch.full((1, 3, *loop.image_size), 0.5)  # (1, 3, H, W) pixels in [0, 1]
+    return int(retriever.describe(grey).shape[1])
+
+
+def shortlist_forward(
+    model: PRGSNetwork, retriever: GlobalRetriever | None, with_local: bool
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+    """The image loop's forward: ImageNet-normalised images (b, 3, H, W) -> (global descriptors (b, D) that make
+    the shortlist, local features (b, L, C) or None without ``with_local``). The global descriptors are the
+    network's, or with a ``retriever`` that model's, fed the same pixels un-normalised (it applies its own size and
+    normalisation); the local features are always the network's."""
+
+    def forward(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if retriever is None:
+            output = model(images, global_only=not with_local)
+            return (output, None) if not with_local else output
+        local = model(images)[1] if with_local else None
+        return retriever.describe(unnormalized(images)), local
+
+    return forward
+
+
+def unnormalized(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised images (b, 3, H, W) -> pixels in [0, 1] (the inverse of places.images.normalize_images,
+    clamped against rounding)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() * std + mean).clamp_(0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,10 +200,15 @@ def global_descriptors(
 
 
 def extract_features(
-    model: PRGSNetwork, index: PlaceIndex, settings: EvalSettings, store_folder: Path | None
+    model: PRGSNetwork,
+    index: PlaceIndex,
+    settings: EvalSettings,
+    store_folder: Path | None,
+    retriever: GlobalRetriever | None = None,
 ) -> tuple[np.ndarray, LocalFeatureStore | MemoryFeatureStore | ShardedStore | None, dict[str, float]]:
     """Global descriptors (N, D) in RAM and local features in a store (feature_store.py), database first, then
-    queries.
+    queries. The global descriptors are the network's, or ``retriever``'s when another global model makes the
+    shortlist (shortlist_forward); the local features are always the network's.
 
     Returns (descriptors, the store ready for reading, timings): per database / queries, extraction_ms_per_image
     (everything), load_ms_per_image (waiting for decoded images on the device), forward_ms_per_image (network
@@ -178,8 +222,9 @@ def extract_features(
     mine = holder == distributed.rank()
     if store_folder is not None:
         store = _rank_store(model, int(mine.sum()), settings, kernel, store_folder)
-    descriptors = np.empty((len(index), model.config.fc_output_dim), dtype=np.float32)
     grid, loop = patch_grid(settings.image_size), ExtractionSettings.of(settings)
+    descriptors = np.empty((len(index), descriptor_dim(model, retriever, loop)), dtype=np.float32)
+    forward_pass = shortlist_forward(model, retriever, with_local=store is not None)
     timings = {}
     for part, image_ids in (
         ("database", np.arange(index.database_num)),
@@ -189,15 +234,14 @@ def extract_features(
         forward, load, write = (util.Stopwatch(settings.device) for _ in range(3))
         start = time.perf_counter()
         with distributed.stop_together(f"extracting {part}"):
-            for ids, output in image_batches(
-                model, lambda images: model(images, global_only=store is None), index, own, loop,
-                f"extracting {part}", forward, load,
-            ):  # fmt: skip
-                descriptors[ids] = (output if store is None else output[0]).float().cpu().numpy()
+            for ids, (global_batch, local) in image_batches(
+                model, forward_pass, index, own, loop, f"extracting {part}", forward, load
+            ):
+                descriptors[ids] = global_batch.float().cpu().numpy()
                 if store is not None:
                     with write, torch.inference_mode():
-                        stage0 = model.stage0_nodes(output[1], grid, kernel) if kernel.precomputed_stage0 else None
-                        _write_to_store(store, rows[ids], output[1], stage0)
+                        stage0 = model.stage0_nodes(local, grid, kernel) if kernel.precomputed_stage0 else None
+                        _write_to_store(store, rows[ids], local, stage0)
         count = max(1, len(own))
         for name, seconds in (("extraction", time.perf_counter() - start), ("load", load.seconds),
                               ("forward", forward.seconds), ("store_write", write.seconds)):  # fmt: skip

@@ -81,14 +81,6 @@ def image_file_stats(index: PlaceIndex) -> dict[str, np.ndarray]:
     }
 
 
-def file_sha1(path: str | Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def hard_negatives_from_descriptors(
     database: np.ndarray,
     queries: np.ndarray,

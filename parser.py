@@ -23,6 +23,8 @@ from model.network import INPUT_NORMS, LOCAL_HEAD_INITS
 from model.precision import PRECISION_CHOICES
 from model.reranker import RERANK_KERNELS
 from places.images import IMAGE_DECODERS
+from retrievers import OWN_MODEL
+from retrievers import PRESETS as RETRIEVER_PRESETS
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -387,6 +389,39 @@ def _add_picture_args(parser: argparse.ArgumentParser, rerank_pictures: bool) ->
         )
 
 
+def add_global_model_args(parser: argparse.ArgumentParser, candidates: bool = False) -> None:
+    """Where the shortlist comes from (docs/retrievers.md): --global_model and its keyword arguments and weights;
+    ``candidates``: also test.py's --candidates."""
+    group = parser.add_argument_group("global retrieval (docs/retrievers.md)")
+    group.add_argument(
+        "--global_model",
+        default=OWN_MODEL,
+        help=f"the global model whose descriptors make the shortlist: '{OWN_MODEL}' (PRGS's own), a preset "
+        f"({', '.join(RETRIEVER_PRESETS)}), PRESET@FOLDER, FOLDER:ENTRY (a local folder with a hubconf.py) or "
+        "owner/repo:ENTRY. The reranker keeps PRGS's local features; only the faiss search uses this model",
+    )
+    group.add_argument(
+        "--global_model_kwargs",
+        default=None,
+        help="keyword arguments of the --global_model entry, key=value,key=value (values read as Python literals "
+        "when they parse, else as strings)",
+    )
+    group.add_argument(
+        "--global_weights",
+        default=None,
+        help="local weights file of --global_model: answers the entry's own download of the same file name, or is "
+        "loaded strictly into the model it returns. Nothing is downloaded",
+    )
+    if candidates:
+        group.add_argument(
+            "--candidates",
+            default=None,
+            help="rerank the ranked shortlists in this file, made by another tool (predictions.csv, a plain CSV or "
+            "a pairs file; docs/retrievers.md), instead of searching global descriptors; the global row is the "
+            "file's order",
+        )
+
+
 def add_folders_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "your own photos (docs/own_photos.md): two plain folders instead of --datasets_folder/--dataset_name"
@@ -418,8 +453,15 @@ def test_parser() -> argparse.ArgumentParser:
         default="test",
         help="split to evaluate (MSLS: 'val' gives recalls, 'test' writes the challenge submission)",
     )
+    parser.add_argument(
+        "--datasets",
+        default=None,
+        help="evaluate on several datasets in one run and print one table (docs/benchmarks.md): comma-separated "
+        "NAME:SPLIT items, e.g. toy_world:val,pitts30k:test,msls:val (replaces --dataset_name and --split)",
+    )
     add_folders_args(parser)
     add_model_args(parser)
+    add_global_model_args(parser, candidates=True)
     add_runtime_args(parser, save_dir="test")
     add_eval_args(parser, rerank_pictures=True)
     return parser
@@ -462,6 +504,7 @@ def train_parser() -> argparse.ArgumentParser:
         help="also test the model before training, to report recalls before and after",
     )
     add_model_args(parser)
+    add_global_model_args(parser)
     add_runtime_args(parser, save_dir="train")
     add_eval_args(parser)
     add_training_args(parser)
@@ -593,6 +636,7 @@ def mining_parser() -> argparse.ArgumentParser:
     add_data_args(parser)
     add_train_split_args(parser)
     add_model_args(parser)
+    add_global_model_args(parser)
     add_runtime_args(parser, save_dir="mining")
     group = parser.add_argument_group("mining")
     group.add_argument(

@@ -1,6 +1,7 @@
-"""Global retrieval, where the shortlist comes from: faiss search of the global descriptors (exact L2, or an
-approximate index from an index-factory string), on every visible GPU with faiss-gpu. Under torchrun rank 0 searches
-and every rank receives the result (global_retrieval)."""
+"""Global retrieval, where the shortlist comes from: PRGS's own global descriptors, another global model's
+(``ShortlistSource.retriever``, retrievers.py) or a file of candidates made by another tool (candidates.py); faiss
+search of the descriptors (exact L2, or an approximate index from an index-factory string), on every visible GPU
+with faiss-gpu. Under torchrun rank 0 searches and every rank receives the result (global_retrieval)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,77 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 
 import distributed
-from config import EvalSettings
-from util import PRGSError
+from candidates import read_candidates
+from config import EvalSettings, ShortlistSettings
+from places.index import PlaceIndex
+from retrievers import OWN_MODEL, GlobalModelSpec, GlobalRetriever
+from util import PRGSError, file_sha1
 
 logger = logging.getLogger(__name__)
 
 
 class RetrievalError(PRGSError, ValueError):
     """A --faiss_index that faiss cannot build, train or search as asked."""
+
+
+@dataclass
+class ShortlistSource:
+    """Where an evaluation's shortlist comes from, ready to use: PRGS's own global descriptors (both None), a loaded
+    global model in front of the reranker (``retriever``), or a file of ranked candidates (``candidates``)."""
+
+    retriever: GlobalRetriever | None = None
+    candidates: Path | None = None
+    _record: dict | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def open(cls, settings: ShortlistSettings, device: torch.device, precision: str = "fp32") -> ShortlistSource:
+        """The source ShortlistSettings name, its global model loaded on ``device`` (nothing downloaded)."""
+        spec = settings.global_model
+        retriever = None if spec is None else GlobalRetriever.from_spec(spec, device, precision)
+        return cls(retriever, settings.candidates)
+
+    def record(self) -> dict:
+        """What results.json records of the source: the global model's spec with the SHA-1 of its weights file (and
+        of any file its keyword arguments name), or the candidates file with its SHA-1 (hashed once per source)."""
+        if self._record is None:
+            if self.candidates is not None:
+                self._record = {"candidates": str(self.candidates), "candidates_sha1": file_sha1(self.candidates)}
+            elif self.retriever is None:
+                self._record = {"global_model": OWN_MODEL}
+            else:
+                self._record = {"global_model": spec_record(self.retriever.spec)}
+        return dict(self._record)
+
+
+def spec_record(spec: GlobalModelSpec) -> dict:
+    """A GlobalModelSpec as JSON-ready values, with the SHA-1 of the weights file and of each keyword argument that
+    names a file (e.g. a checkpoint the entry loads itself)."""
+    record = {
+        k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()
+    }
+    record["weights_sha1"] = file_sha1(spec.weights) if spec.weights is not None else None
+    files = {k: v for k, v in spec.kwargs.items() if isinstance(v, str) and Path(v).expanduser().is_file()}
+    record["kwargs_files_sha1"] = {k: file_sha1(Path(v).expanduser()) for k, v in files.items()}
+    return record
+
+
+def candidates_retrieval(path: Path, index: PlaceIndex, top: int) -> tuple[np.ndarray, np.ndarray, None, dict]:
+    """The shortlist of every query from the file ``path`` (candidates.read_candidates, each row at least ``top``
+    long): (squared distances, all NaN since the file has none; predictions (Nq, K)), no exact predictions, and a
+    report as global_retrieval's."""
+    start = time.perf_counter()
+    predictions = read_candidates(path, index, min_candidates=top)
+    ms_per_query = 1000 * (time.perf_counter() - start) / max(1, index.queries_num)
+    distances = np.full(predictions.shape, np.nan, dtype=np.float32)
+    return distances, predictions, None, {"index": "candidates file", "faiss_gpu": False, "ms_per_query": ms_per_query}
 
 
 def global_retrieval(

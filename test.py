@@ -3,10 +3,15 @@
     python3 test.py                       # the built-in toy world (generated on first use)
     python3 test.py --dataset_name msls --split val --datasets_folder /data --resume resume/msls_train_prgs.pt
     python3 test.py --database_folder my/database --queries_folder my/queries --resume best.pth   # your photos
+    python3 test.py --datasets toy_world:val,toy_world:test --resume best.pth    # one table, several datasets
+    python3 test.py --resume best.pth --global_model FOLDER:ENTRY     # another model's shortlist, reranked
+    python3 test.py --resume best.pth --candidates predictions.csv    # a shortlist made by another tool, reranked
 
 Outputs go to logs/<save_dir>/<timestamp>/ (docs/outputs.md): info.log, debug.log, results.json, predictions.csv,
 with --num_preds_to_save pictures of the predictions, with --rerank_pictures pictures of the reranking, and with
 either (or --report always) report.html, a page of the queries reranking fixed and broke.
+With --datasets each split's outputs go to a folder of its own, beside benchmark.md and the suite's
+results.json (docs/benchmarks.md). Where the shortlist comes from: docs/retrievers.md.
 `torchrun --nproc_per_node N test.py ...` shares the work among N processes (docs/distributed.md).
 """
 
@@ -19,7 +24,7 @@ import torch
 import distributed
 import runs
 import util
-from config import eval_settings, model_options, output_options
+from config import eval_settings, forward_precision, model_options, output_options, shortlist_settings
 from datasets_ws import load_split, split_request
 from evaluation import evaluate
 from model.checkpoint import LoadedCheckpoint, build_model
@@ -28,7 +33,8 @@ from outputs import build_results, summary_text, write_outputs
 from parser import parse_test_args
 from places.folders import FOLDERS_NAME
 from places.index import PlaceIndex
-from retrieval import faiss_uses_gpu
+from retrieval import ShortlistSource, faiss_uses_gpu
+from suite import SuiteModel, evaluate_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +43,13 @@ def main(argv: list[str] | None = None) -> dict:
     """test.py's flags (parser.test_parser) -> results.json's content (docs/outputs.md), written in the run folder."""
     args = parse_test_args(argv)
     with runs.start_run(args) as run:
-        index = load_test_split(args)
+        index = load_test_split(args) if args.datasets is None else None
         model, checkpoint = load_model(args, run.device)
         settings = eval_settings(args, run.device)
-        evaluation = evaluate(model, index, settings, run.scratch_folder())
+        source = ShortlistSource.open(shortlist_settings(args), run.device, forward_precision(args, run.device))
+        if index is None:
+            return evaluate_datasets(args, SuiteModel(model, checkpoint, settings, source), run)
+        evaluation = evaluate(model, index, settings, run.scratch_folder(), source=source)
         options = output_options(args)
         split = None if args.dataset_name == FOLDERS_NAME else args.split
         results = build_results(

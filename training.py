@@ -17,6 +17,7 @@ across the ranks and gathered; every rank then holds the same state, and rank 0 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -29,17 +30,19 @@ from tqdm import tqdm
 import distributed
 import runs
 import util
-from config import eval_settings
+from config import eval_settings, forward_precision, shortlist_settings
 from datasets_ws import TupleDataset
 from evaluation import Evaluation, evaluate
 from extraction import ExtractionSettings, FrozenBackboneCache, global_descriptors
 from losses import TupleObjective
-from mining import MiningError, TupleMiner, Tuples, file_sha1, load_hard_negatives
+from mining import MiningError, TupleMiner, Tuples, load_hard_negatives
 from model.backbone import patch_grid
 from model.checkpoint import LoadedCheckpoint, load_weights, open_checkpoint, save_model
 from model.network import PRGSNetwork
 from outputs import recalls_by_name, recalls_table
 from places.index import DatasetError, PlaceIndex
+from retrieval import ShortlistSource, spec_record
+from retrievers import OWN_MODEL
 from training_report import TrainingReport, save_curves
 from training_state import lr_factor, save_training_checkpoint, start_or_resume
 
@@ -91,29 +94,44 @@ def check_training_settings(splits: TrainingSplits, args) -> None:
         )
 
 
-def hard_negatives_for(args, train: PlaceIndex) -> np.ndarray | None:
+def hard_negatives_for(args, train: PlaceIndex, source: ShortlistSource) -> np.ndarray | None:
     """The --hard_negatives file's list for --mining global (checked against the training split ``train``; its
-    provenance logged, with a warning when another model than --resume mined it), else None."""
+    provenance logged, with a warning when another model than the one making the shortlist mined it: --global_model
+    when given, else --resume), else None."""
     if args.mining != "global":
         return None
+    retriever = "" if source.retriever is None else f" --global_model {args.global_model}"
     hint = (
         f"python3 pre_compute_mining.py --dataset_name {args.dataset_name} --datasets_folder "
-        f"{args.datasets_folder} --resume GLOBAL_MODEL --output {args.hard_negatives}"
+        f"{args.datasets_folder} --resume GLOBAL_MODEL{retriever} --output {args.hard_negatives}"
     )
     hard_negatives, metadata = load_hard_negatives(args.hard_negatives, train, args.neg_hardness, hint)
+    mined_with = metadata.get("global_model") or OWN_MODEL  # files made before --global_model: PRGS's own
     logger.info(
-        "hard negatives from %s (mined %s with %s)",
+        "hard negatives from %s (mined %s with %s%s)",
         args.hard_negatives,
         metadata.get("created"),
         metadata.get("model_checkpoint"),
+        "" if mined_with == OWN_MODEL else f", global model {mined_with['name']}",
     )
-    if args.resume and metadata.get("model_checkpoint_sha1") not in (None, file_sha1(args.resume)):
+    if source.retriever is not None:
+        if mined_with != json.loads(json.dumps(spec_record(source.retriever.spec))):  # as the file holds it
+            logger.warning(
+                "the hard negatives were mined with another global model (%s) than --global_model %s: they may "
+                "not be the ones it confuses. Rebuild them with: %s",
+                mined_with if mined_with == OWN_MODEL else mined_with["name"],
+                args.global_model,
+                hint.replace("GLOBAL_MODEL", str(args.resume)),
+            )
+    elif mined_with != OWN_MODEL or (
+        args.resume and metadata.get("model_checkpoint_sha1") not in (None, util.file_sha1(args.resume))
+    ):
         logger.warning(
             "the hard negatives were mined with another model (%s) than --resume %s: they may not be "
             "the hardest for this one. Rebuild them with: %s",
-            metadata.get("model_checkpoint"),
+            metadata.get("model_checkpoint") if mined_with == OWN_MODEL else mined_with["name"],
             args.resume,
-            hint.replace("GLOBAL_MODEL", args.resume),
+            hint.replace("GLOBAL_MODEL", str(args.resume)),
         )
     return hard_negatives
 
@@ -179,6 +197,7 @@ class Trainer:
             *args.resize,
         )
         self.per_rank_batch = per_process_batch(args.train_batch_size)
+        self.source = ShortlistSource.open(shortlist_settings(args), self.device, forward_precision(args, self.device))
         self.optimizer = torch.optim.AdamW(self.trainable, lr=args.lr, weight_decay=args.weight_decay)
         self.miner = TupleMiner(
             splits.train,
@@ -186,7 +205,7 @@ class Trainer:
             args.negs_num_per_query,
             args.neg_hardness,
             args.neg_samples_num,
-            hard_negatives_for(args, splits.train),
+            hard_negatives_for(args, splits.train, self.source),
         )
         self.state = start_or_resume(checkpoint, self.optimizer, self.miner, args, run)
         self.steps_at_start = self.state.global_step
@@ -198,8 +217,16 @@ class Trainer:
         self.report = TrainingReport(args, datasets, splits.test, self.with_rerank, run.folder)
 
     def _evaluate(self, index: PlaceIndex) -> Evaluation:
-        """The current weights on a split (validation or test), as test.py evaluates."""
-        return evaluate(self.model, index, self.settings, self.run.scratch_folder(), with_rerank=self.with_rerank)
+        """The current weights on a split (validation or test), as test.py evaluates (the shortlist from
+        --global_model's descriptors when given)."""
+        return evaluate(
+            self.model,
+            index,
+            self.settings,
+            self.run.scratch_folder(),
+            with_rerank=self.with_rerank,
+            source=self.source,
+        )
 
     def test_before_training(self) -> None:
         """With --test_before_training on a fresh start: the test split's recalls before any step."""
@@ -250,12 +277,12 @@ class Trainer:
         return True
 
     def global_descriptors_of(self, image_ids: np.ndarray) -> np.ndarray:
-        """Global descriptors (n, D) of training images (global indices), for mining."""
-        if self.cache is not None:
+        """Global descriptors (n, D) of training images (global indices), for mining: --global_model's when given
+        (the negatives the shortlist's retriever confuses), else the network's."""
+        if self.cache is not None and self.source.retriever is None:
             return self.cache.descriptors[image_ids]
-        return global_descriptors(
-            self.model, self.splits.train, image_ids, self._extraction_settings(), "mining descriptors"
-        )
+        loop, retriever = self._extraction_settings(), self.source.retriever
+        return global_descriptors(self.model, self.splits.train, image_ids, loop, "mining descriptors", retriever)
 
     def _extraction_settings(self) -> ExtractionSettings:
         args = self.args

@@ -1,9 +1,10 @@
 """The bottom of the project, importing no other module of it: the base error class, devices and autocast, timing,
-seeds and RNG state, atomic writes, and counting parameters. The run life cycle (output folder, lock, logging,
-signals) is runs.py."""
+seeds and RNG state, atomic writes, file hashes and counting parameters. The run life cycle (output folder, lock,
+logging, signals) is runs.py."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -179,3 +180,12 @@ def atomic_save(payload: Any, path: str | Path) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """A text file (UTF-8) through atomic_write."""
     atomic_write(path, lambda file: file.write(text.encode()))
+
+
+def file_sha1(path: str | Path) -> str:
+    """The SHA-1 of a file's bytes, hex (read in 4 MiB chunks)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

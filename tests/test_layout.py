@@ -100,6 +100,7 @@ def test_the_project_has_the_modules_the_design_names(import_graph):
         "report",
         "retrievers",
         "candidates",
+        "suite",
     ):
         assert name in import_graph, name
 

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Does the PRGS reranker lift another retriever's shortlist? On the toy world of seed $SEED (default 0):
+#   A  fit PRGS's own global descriptor (DeiT, the reranker's backbone), as the demo (train_reranking.sh) does
+#   B  fit a second, independent global model: the same global stage on a ResNet-18 (the retriever in front)
+#   mine hard negatives with B, served as a torch.hub model (this repository's hubconf.py, entry prgs_global)
+#      through --global_model, so the negatives are the ones B confuses
+#   R  train local_head + reranker on A's frozen backbone with B's hard negatives, validating on B's shortlist
+#   test R behind B twice: through --global_model (B's descriptors searched with faiss), and through --candidates
+#      (B's ranked list, as predictions.csv of a test.py run of B, read from the file)
+# and print one line per route: test R@1 of B's shortlist, of R reranking it, and the margin with its 95 %
+# paired-bootstrap interval over the test queries (metrics.paired_bootstrap).
+#
+#   SEED=1 bash benchmarks/retriever_proof.sh      # logs/retriever_proof/seed_1/, world in data/seed_1 (as the demo)
+#
+# Seed 0 uses the demo's world in data/, seed N data/seed_N/. Every run goes to logs/retriever_proof/seed_N/<step>;
+# a finished step (its results.json, or the mined file) is reused, so an interrupted proof continues.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+SEED="${SEED:-0}"
+if ! [[ "$SEED" =~ ^[0-9]+$ ]]; then echo "error: SEED must be a non-negative integer, got '$SEED'" >&2; exit 2; fi
+if [ "$SEED" = 0 ]; then D=data; else D="data/seed_$SEED"; fi
+L="logs/retriever_proof/seed_$SEED"
+COMMON=(--dataset_name toy_world --datasets_folder "$D" --num_workers 1 --seed "$SEED")
+# The demo's recipe for a global model fitted from scratch on a CPU (train_reranking.sh explains the values).
+FIT=(--train_stage global --backbone_weights none --mining full --neg_samples_num 1000 --negs_num_per_query 5
+     --margin 0.5 --lr 3e-4 --queries_per_epoch 240 --cache_refresh_rate 240 --train_batch_size 8 --epochs_num 4
+     --patience 4)
+RETRIEVER_B=(--global_model .:prgs_global --global_model_kwargs "weights=$L/B/best.pth")
+
+step() {  # step NAME FILE COMMAND...: run COMMAND unless FILE exists (a finished step), logging to $L/NAME.log
+  local name=$1 done_file=$2
+  shift 2
+  if [ -f "$done_file" ]; then echo "== $name: done before ($done_file)"; return; fi
+  echo "== $name"
+  "$@" > "$L/$name.log" 2>&1 || { echo "error: $name failed; see $L/$name.log" >&2; tail -5 "$L/$name.log" >&2; exit 1; }
+}
+
+mkdir -p "$L"
+"$PYTHON" -m places.toy_world --datasets_folder "$D" --seed "$SEED" > "$L/world.log" 2>&1
+step A "$L/A/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT[@]}" --output_folder "$L/A" --overwrite
+step B "$L/B/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT[@]}" --backbone resnet18 \
+  --output_folder "$L/B" --overwrite
+step B_mining "$L/B_hn.npz" "$PYTHON" -u pre_compute_mining.py "${COMMON[@]}" --resume "$L/A/best.pth" \
+  "${RETRIEVER_B[@]}" --num_hard_negatives 50 --output "$L/B_hn.npz" --output_folder "$L/B_mining" --overwrite
+step R "$L/R/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" --train_stage reranker \
+  --resume "$L/A/best.pth" "${RETRIEVER_B[@]}" --mining global --hard_negatives "$L/B_hn.npz" --neg_hardness 30 \
+  --negs_num_per_query 8 --queries_per_epoch 960 --cache_refresh_rate 480 --train_batch_size 8 --epochs_num 5 \
+  --patience 5 --lr 1e-3 --lr_schedule cosine --warmup_epochs 0 --cache_frozen_backbone --output_folder "$L/R" \
+  --overwrite
+TEST=(--dataset_name toy_world --datasets_folder "$D" --num_workers 1 --split test --rerank_top 20 --overwrite)
+step R_via_global_model "$L/R_via_global_model/results.json" "$PYTHON" -u test.py "${TEST[@]}" \
+  --resume "$L/R/best.pth" "${RETRIEVER_B[@]}" --output_folder "$L/R_via_global_model"
+step B_test "$L/B_test/results.json" "$PYTHON" -u test.py "${TEST[@]}" --resume "$L/B/best.pth" \
+  --output_folder "$L/B_test"
+step R_on_B_candidates "$L/R_on_B_candidates/results.json" "$PYTHON" -u test.py "${TEST[@]}" \
+  --resume "$L/R/best.pth" --candidates "$L/B_test/predictions.csv" --output_folder "$L/R_on_B_candidates"
+
+"$PYTHON" - "$SEED" "$L/R_via_global_model" "$L/R_on_B_candidates" <<'EOF'
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from metrics import paired_bootstrap
+
+seed = sys.argv[1]
+for route, folder in (("--global_model", sys.argv[2]), ("--candidates", sys.argv[3])):
+    hits = {"global": {}, "reranked": {}}
+    with open(Path(folder) / "predictions.csv", newline="") as file:
+        for row in csv.DictReader(file):
+            hits[row["ranking"]][int(row["query_index"])] = row["first_correct_rank"] == "1"
+    queries = sorted(hits["global"])
+    retriever = np.array([hits["global"][q] for q in queries])
+    reranked = np.array([hits["reranked"][q] for q in queries])
+    margin, lower, upper = paired_bootstrap(reranked, retriever)
+    print(
+        f"seed {seed} ({route}, {len(queries)} test queries): test R@1 ResNet-18 retriever {100 * retriever.mean():.2f}, "
+        f"PRGS reranker on its top 20 {100 * reranked.mean():.2f}, margin {margin:+.2f} [{lower:+.2f}, {upper:+.2f}]"
+    )
+EOF
