@@ -5,7 +5,6 @@ completes and checks the parsed namespace."""
 from __future__ import annotations
 
 import argparse
-import math
 
 from config import (
     AUTO_BF16_RERANK_KERNEL,
@@ -18,6 +17,7 @@ from config import (
     preset_text,
 )
 from feature_store import DEVICE_MEMORY_SHARE, FEATURE_DTYPES, HOST_MEMORY_SHARE, TIERS
+from flag_types import HelpFormatter, fraction, non_negative_int, positive_float, positive_int, seed
 from model.backbone import BACKBONES
 from model.network import INPUT_NORMS, LOCAL_HEAD_INITS
 from model.precision import PRECISION_CHOICES
@@ -25,39 +25,7 @@ from model.reranker import RERANK_KERNELS
 from places.images import IMAGE_DECODERS
 from retrievers import OWN_MODEL
 from retrievers import PRESETS as RETRIEVER_PRESETS
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default after its help, except for flags whose default is filled in later (None): their
-    help says where the value comes from."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default not in (None, argparse.SUPPRESS, False) and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
-def _checked_number(name: str, convert, accept, expected: str):
-    """An argparse type called ``name`` (argparse's message for text that is no number): ``convert`` the text, and
-    refuse a value ``accept`` rejects, saying what was ``expected``."""
-
-    def parse(text: str):
-        value = convert(text)
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
-        return value
-
-    parse.__name__ = name
-    return parse
-
-
-_positive_int = _checked_number("_positive_int", int, lambda v: v > 0, "a positive integer")
-_non_negative_int = _checked_number("_non_negative_int", int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _checked_number("_positive_float", float, lambda v: 0 < v < math.inf, "a finite positive number")
-_non_negative_float = _checked_number("_non_negative_float", float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
-_fraction = _checked_number("_fraction", float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
-_seed = _checked_number("_seed", int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32) (numpy's seed range)")
+from training_flags import add_mining_args, add_optimiser_args, add_train_split_args, add_training_args
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +57,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--val_positive_dist_threshold",
-        type=_positive_float,
+        type=positive_float,
         default=25.0,
         help="metres: database images this close to a query are correct answers (and are never "
         "used as training negatives)",
@@ -137,7 +105,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--resize",
-        type=_positive_int,
+        type=positive_int,
         nargs=2,
         metavar=("H", "W"),
         default=None,
@@ -145,26 +113,26 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--fc_output_dim",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"global descriptor size. {preset_text('fc_output_dim')}",
     )
     group.add_argument(
         "--local_dim",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"local descriptor size; nodes have 3 + local_dim channels. {preset_text('local_dim')}",
     )
     group.add_argument(
         "--num_kept_nodes",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="patch nodes kept per image, the rest (least attended) are zeroed (5/6 of the grid: "
         "1000 of 1200 at 480x640)",
     )
     group.add_argument(
         "--temperature",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help=f"graph softmax temperature. {preset_text('temperature')}",
     )
@@ -206,10 +174,10 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
         default="auto",
         help="where the network runs; auto picks cuda when available",
     )
-    group.add_argument("--num_workers", type=_non_negative_int, default=2, help="DataLoader worker processes")
+    group.add_argument("--num_workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     group.add_argument(
         "--dist_timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         help="launched by torchrun with several processes: minutes a process waits for the others at a "
         "synchronisation point before the run stops with an error (docs/distributed.md)",
@@ -227,11 +195,11 @@ def add_runtime_args(parser: argparse.ArgumentParser, save_dir: str) -> None:
     )
     group.add_argument(
         "--infer_batch_size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"images per batch for feature extraction. {preset_text('infer_batch_size')}",
     )
-    group.add_argument("--seed", type=_seed, default=42, help="seed for python, numpy and torch")
+    group.add_argument("--seed", type=seed, default=42, help="seed for python, numpy and torch")
     group = parser.add_argument_group("outputs")
     group.add_argument("--save_dir", default=save_dir, help="outputs go to logs/<save_dir>/<YYYY-mm-dd_HH-MM-SS>/")
     group.add_argument(
@@ -302,27 +270,27 @@ def add_eval_args(parser: argparse.ArgumentParser, rerank_pictures: bool = False
     group = parser.add_argument_group("evaluation")
     group.add_argument(
         "--rerank_top",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="candidates from global retrieval that the reranker re-sorts, clamped to the database size with a "
         f"warning. {preset_text('rerank_top')}",
     )
     group.add_argument(
         "--rerank_batch_size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"queries per reranker call; memory grows with it. {preset_text('rerank_batch_size')}",
     )
     group.add_argument(
         "--rerank_fusion",
-        type=_fraction,
+        type=fraction,
         default=0.0,
         help="final score = (1 - w) * P(same place) + w * (1 + cosine similarity) / 2 of the global "
         "descriptors; 0 (default) ranks by the reranker alone, as the reference",
     )
     group.add_argument(
         "--recall_values",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=[1, 5, 10, 20, 100],
         help="N of the recall@N values to report",
@@ -337,11 +305,11 @@ def add_eval_args(parser: argparse.ArgumentParser, rerank_pictures: bool = False
         "(default: exact search)",
     )
     group.add_argument(
-        "--faiss_nprobe", type=_positive_int, default=32, help="inverted lists searched per query (IVF indexes)"
+        "--faiss_nprobe", type=positive_int, default=32, help="inverted lists searched per query (IVF indexes)"
     )
     group.add_argument(
         "--faiss_train_size",
-        type=_positive_int,
+        type=positive_int,
         default=100_000,
         help="database descriptors, drawn at random, that train --faiss_index",
     )
@@ -353,7 +321,7 @@ def _add_picture_args(parser: argparse.ArgumentParser, rerank_pictures: bool) ->
     group = parser.add_argument_group("pictures")
     group.add_argument(
         "--num_preds_to_save",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="if > 0, save a PNG per query with the query beside its top N global and reranked "
         "predictions (correct ones framed green, wrong ones red, all light grey without ground truth)",
@@ -365,7 +333,7 @@ def _add_picture_args(parser: argparse.ArgumentParser, rerank_pictures: bool) ->
     )
     group.add_argument(
         "--num_queries_to_save",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="pictures (--num_preds_to_save, and test.py's --rerank_pictures) for this many queries, spread "
         "evenly over the split; 0: every query",
@@ -381,7 +349,7 @@ def _add_picture_args(parser: argparse.ArgumentParser, rerank_pictures: bool) ->
     if rerank_pictures:
         group.add_argument(
             "--rerank_pictures",
-            type=_non_negative_int,
+            type=non_negative_int,
             default=0,
             help="if > 0, save a PNG per pictured query (see --num_queries_to_save) showing its reranked top N beside "
             "the query: the region pairs the stage-1 cross graph matched, regions shaded by attention, and each "
@@ -467,16 +435,6 @@ def test_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_train_split_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--train_positives_dist_threshold",
-        type=_positive_float,
-        default=10.0,
-        help="metres: database images this close to a training query are its positives; queries "
-        "without one are left out of training",
-    )
-
-
 def train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_reranking.py",
@@ -513,112 +471,6 @@ def train_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_training_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training")
-    group.add_argument(
-        "--train_stage",
-        choices=("reranker", "full", "global"),
-        default="reranker",
-        help="what is trained (see the description above)",
-    )
-    group.add_argument("--epochs_num", type=_positive_int, default=50, help="maximum number of epochs")
-    group.add_argument(
-        "--patience", type=_positive_int, default=3, help="stop after this many epochs without a better validation R@1"
-    )
-    group.add_argument("--train_batch_size", type=_positive_int, default=8, help="tuples per optimiser step")
-    group.add_argument(
-        "--cache_frozen_backbone",
-        action="store_true",
-        help="stage reranker only: compute every training image's (frozen) backbone outputs once and "
-        "keep them in RAM (L x C x 4 bytes per image), so each step runs only local_head and the "
-        "reranker. For small datasets such as the toy world",
-    )
-    group = parser.add_argument_group("checkpointing")
-    group.add_argument(
-        "--checkpoint_every_steps",
-        type=_non_negative_int,
-        default=0,
-        help="also write last.pth every this many optimiser steps (0: at the end of each epoch "
-        "only); a resumed run continues exactly where the checkpoint was written",
-    )
-    group.add_argument(
-        "--max_steps",
-        type=_non_negative_int,
-        default=0,
-        help="stop after this many optimiser steps in all (0: no limit), writing last.pth so that "
-        "--resume continues exactly",
-    )
-
-
-def add_mining_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("mining")
-    group.add_argument(
-        "--mining",
-        choices=("global", "partial", "full", "random"),
-        default="partial",
-        help="negatives: 'global' samples from --hard_negatives (pre_compute_mining.py); 'partial' "
-        "takes the hardest of --neg_samples_num random database images; 'full' also keeps each "
-        "query's previous negatives; 'random' samples at random. Never a soft positive",
-    )
-    group.add_argument(
-        "--hard_negatives",
-        default=None,
-        help="hard-negative file written by pre_compute_mining.py (needed by --mining global)",
-    )
-    group.add_argument(
-        "--neg_hardness",
-        type=_positive_int,
-        default=100,
-        help="--mining global samples negatives from this many of each query's hardest negatives",
-    )
-    group.add_argument(
-        "--negs_num_per_query",
-        type=_positive_int,
-        default=10,
-        help="negatives per training query (a tuple has 2 + this many images)",
-    )
-    group.add_argument(
-        "--neg_samples_num",
-        type=_positive_int,
-        default=1000,
-        help="random database images each mining round considers (partial/full mining)",
-    )
-    group.add_argument("--queries_per_epoch", type=_positive_int, default=5000, help="training queries per epoch")
-    group.add_argument(
-        "--cache_refresh_rate",
-        type=_positive_int,
-        default=1000,
-        help="queries per mining round; negatives are mined again every this many queries "
-        "(descriptors of a frozen global model are computed once and reused)",
-    )
-
-
-def add_optimiser_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("optimiser")
-    group.add_argument("--lr", type=_positive_float, default=1e-5, help="AdamW learning rate")
-    group.add_argument("--weight_decay", type=_non_negative_float, default=0.03, help="AdamW weight decay")
-    group.add_argument(
-        "--lr_schedule",
-        choices=("step", "cosine"),
-        default="step",
-        help="per epoch after warm-up: 'step' multiplies the lr by --lr_step_gamma every "
-        "--lr_step_epochs epochs (the reference: x0.1 every 4); 'cosine' decays it to 0 at "
-        "--epochs_num",
-    )
-    group.add_argument("--lr_step_epochs", type=_positive_int, default=4, help="epochs between lr steps")
-    group.add_argument("--lr_step_gamma", type=_positive_float, default=0.1, help="lr factor at each step")
-    group.add_argument(
-        "--warmup_epochs", type=_non_negative_int, default=0, help="epochs of linear warm-up from 0.1 x lr"
-    )
-    group.add_argument(
-        "--margin",
-        type=_positive_float,
-        default=0.1,
-        help="triplet-loss margin on the global descriptors (stages full and global)",
-    )
-    group.add_argument("--grad_clip", type=_non_negative_float, default=0.0, help="clip the gradient norm (0: off)")
-
-
 def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
     """train_reranking.py's flags, completed and checked by config.complete_train_args."""
     parser = train_parser()
@@ -641,12 +493,12 @@ def mining_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("mining")
     group.add_argument(
         "--num_hard_negatives",
-        type=_positive_int,
+        type=positive_int,
         default=200,
         help="negatives kept per query (rows are padded with -1 when fewer exist)",
     )
     group.add_argument(
-        "--chunk_size", type=_positive_int, default=1024, help="queries searched at a time (bounds memory)"
+        "--chunk_size", type=positive_int, default=1024, help="queries searched at a time (bounds memory)"
     )
     group.add_argument(
         "--output", default=None, help="file to write (default result/<dataset_name>_hard_negatives.npz)"
