@@ -3,19 +3,37 @@ someone else put there, and never a file it is about to read."""
 
 import argparse
 import contextlib
+import errno
+import json
+import os
+import re
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_faults import FAST, MINING_FAST, run_script, snapshot
+from short_runs import (
+    FAST,
+    MINING_FAST,
+    copy_run,
+    resume_argv,
+    run_script,
+    snapshot,
+)
 
+import feature_store
 import pre_compute_mining
 import run_folder
 import runs
 import test as test_script
 import train_reranking
+import training
+import util
+from mining import MiningFileError, load_hard_negatives
 from model.checkpoint import save_model
 from model.network import ModelConfig, PRGSNetwork
 
@@ -224,3 +242,198 @@ def test_a_run_removes_only_what_runs_made_and_only_with_overwrite(steps):
             made = (made & set(after)) | rewritten
             assert not list(folder.glob(f"{run_folder.SCRATCH_PREFIX}*"))
             assert made <= run_folder.Manifest.read(folder).files  # a later --overwrite will remove them
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run, one folder
+
+
+@pytest.mark.parametrize("script", [test_script, train_reranking, pre_compute_mining])
+def test_a_second_run_into_a_folder_in_use_is_refused_naming_the_process(script, tmp_path, capsys):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    (folder / "results.json").write_text('{"theirs": 1}')
+    before = snapshot(folder)
+    lock = run_folder.acquire_lock(folder / run_folder.LOCK_FILE_NAME, "output folder")  # the other run
+    try:
+        fast = MINING_FAST if script is pre_compute_mining else FAST
+        status, line = run_script(script.main, ["--output_folder", str(folder), "--overwrite", *fast], capsys)
+    finally:
+        run_folder.release_lock(folder / run_folder.LOCK_FILE_NAME, lock)
+    assert status == 2
+    assert f"output folder {folder} is in use by another run: process {os.getpid()}" in line
+    assert snapshot(folder) == before  # --overwrite removed nothing of the running one
+
+
+def test_earlier_results_are_not_overwritten_without_overwrite(small_toy_world, tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "results.json").write_text('{"earlier": true}')
+    (folder / "predictions.csv").write_text("earlier\n")
+    run_folder.Manifest(folder, {"results.json", "predictions.csv"}).write()  # what the earlier run made
+    (folder / "notes.txt").write_text("the user's own file")
+    before = snapshot(folder)
+    argv = ["--datasets_folder", str(small_toy_world), "--output_folder", str(folder), *FAST]
+    status, line = run_script(test_script.main, argv, capsys)
+    assert status == 2
+    assert f"output folder {folder} holds the outputs of an earlier run" in line and "--overwrite" in line
+    assert snapshot(folder) == before
+    results = test_script.main([*argv, "--overwrite"])
+    assert json.loads((folder / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert (folder / "notes.txt").read_text() == "the user's own file"  # --overwrite removes only run outputs
+    hidden = [p.name for p in folder.glob(".*")]
+    assert hidden == [run_folder.MANIFEST_FILE_NAME], hidden  # no lock, no temporary file, no scratch space left
+
+
+@pytest.mark.parametrize("where", ["output_folder", "its_parent"])
+def test_an_output_folder_that_is_a_file_is_one_line(where, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    folder = a_file if where == "output_folder" else a_file / "run"
+    status, line = run_script(test_script.main, ["--output_folder", str(folder), *FAST], capsys)
+    assert status == 2 and str(a_file) in line
+    assert a_file.read_text() == "keep me"
+
+
+def test_hard_negative_file_is_not_replaced_without_overwrite(tmp_path, capsys):
+    output = tmp_path / "hn.npz"
+    output.write_bytes(b"an earlier file")
+    argv = ["--output", str(output), "--output_folder", str(tmp_path / "mining"), *MINING_FAST]
+    status, line = run_script(pre_compute_mining.main, argv, capsys)
+    assert status == 2 and f"{output} exists" in line and "--overwrite" in line
+    assert output.read_bytes() == b"an earlier file"
+    assert not (tmp_path / "mining").exists()  # no empty run folder left behind
+    folder_output = tmp_path / "a_folder"
+    folder_output.mkdir()
+    status, line = run_script(pre_compute_mining.main, ["--output", str(folder_output), *MINING_FAST], capsys)
+    assert status == 2 and f"{folder_output} is a folder" in line
+
+
+def test_a_failed_run_leaves_no_empty_log_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, line = run_script(
+        test_script.main, ["--dataset_name", "pitts30k", "--datasets_folder", str(tmp_path / "none")], capsys
+    )
+    assert status == 2 and "datasets folder" in line
+    assert "nothing was kept" in line
+    assert not (tmp_path / "logs").exists()  # neither logs/test/<time> nor the logs/test it created
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("script", [test_script, train_reranking, pre_compute_mining])
+def test_device_cuda_without_a_gpu_is_one_line(script, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fast = MINING_FAST if script is pre_compute_mining else FAST
+    status, line = run_script(script.main, ["--device", "cuda", *fast], capsys)
+    assert status == 2 and "--device cuda was requested but torch sees no CUDA device" in line
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_resume_or_hard_negative_path_that_is_a_folder_is_one_line(tmp_path, capsys):
+    status, line = run_script(test_script.main, ["--resume", str(tmp_path), *FAST], capsys)
+    assert status == 2 and f"--resume {tmp_path} is a folder; expected a checkpoint file" in line
+    with pytest.raises(MiningFileError, match=f"hard-negative file {tmp_path} is a folder"):
+        load_hard_negatives(tmp_path, None, 1, "hint")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Interruptions and a full disk
+
+
+def test_sigterm_stops_like_ctrl_c(capsys):
+    def main():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    with pytest.raises(SystemExit) as stopped:
+        runs.run_entry_point(main)
+    assert stopped.value.code == 130 and "interrupted: nothing was written" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+
+
+def test_ctrl_c_during_evaluation_removes_the_store_and_says_what_was_kept(
+    small_toy_world, tmp_path, monkeypatch, capsys
+):
+    written = []
+
+    def write_then_interrupt(store, ids, nodes, stage0=None):
+        written.append(store.folder)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(feature_store.LocalFeatureStore, "write", write_then_interrupt)
+    folder = tmp_path / "run"
+    argv = ["--datasets_folder", str(small_toy_world), "--output_folder", str(folder), "--store_tier", "disk", *FAST]
+    status, line = run_script(test_script.main, argv, capsys)
+    assert status == 130 and line == f"interrupted: nothing was kept: the run folder {folder} was removed"
+    assert written and not written[0].exists() and not folder.exists()
+
+
+def test_ctrl_c_during_training_keeps_the_last_checkpoints_and_names_them(
+    small_toy_world, interrupted_run, tmp_path, monkeypatch, capsys
+):
+    run = copy_run(interrupted_run, tmp_path)
+    before = snapshot(run)
+
+    def interrupt(self, images, image_ids):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.Trainer, "_step", interrupt)
+    status, line = run_script(train_reranking.main, resume_argv(small_toy_world, run, run), capsys)
+    assert status == 130
+    kept = "best.pth (epoch 0), last.pth (epoch 1, round 0, step 5, as resumed), results.json, training_curves.png"
+    assert line == f"interrupted: kept in {run}: {kept}"  # results.json: of the run that stopped at --max_steps
+    bookkeeping = ("failed.json", run_folder.MANIFEST_FILE_NAME)  # the manifest now names failed.json
+    unchanged = {k: v for k, v in snapshot(run).items() if not k.endswith(".log") and k not in bookkeeping}
+    assert unchanged == {k: v for k, v in before.items() if not k.endswith(".log") and k not in bookkeeping}
+    assert json.loads((run / "failed.json").read_text())["error"].startswith("KeyboardInterrupt")
+    assert not (run / "work").exists()
+
+
+def test_a_full_disk_while_storing_local_features_is_one_line(small_toy_world, tmp_path, monkeypatch, capsys):
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(feature_store.os, "pwrite", disk_full)
+    folder = tmp_path / "run"
+    argv = ["--datasets_folder", str(small_toy_world), "--output_folder", str(folder), "--store_tier", "disk", *FAST]
+    status, line = run_script(test_script.main, argv, capsys)
+    assert status == 2
+    store = re.escape(str(folder / run_folder.SCRATCH_PREFIX)) + "[a-z0-9_]+/local_features"  # the run's scratch space
+    assert re.search(f"cannot write the local-feature store {store}: ", line), line
+    assert "No space left on device (errno 28)" in line and "MB free on the disk of" in line
+    assert not folder.exists()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    util.atomic_save({"epoch": torch.tensor(1)}, path)
+
+    def disk_full(descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(util.os, "fsync", disk_full)
+    with pytest.raises(util.OutputWriteError, match=rf"cannot write {path}: No space left on device \(errno 28\)"):
+        util.atomic_save({"epoch": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+
+
+def test_a_log_file_on_a_full_disk_warns_once_without_a_traceback(tmp_path, capsys):
+    runs.setup_logging(tmp_path)
+    log_files = [h for h in runs.logging.getLogger().handlers if isinstance(h, runs.logging.FileHandler)]
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            pass
+
+    for handler in log_files:
+        handler.stream = FullDisk()
+    for number in range(3):
+        runs.logger.info("line %d", number)
+    runs.close_log_files()
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write") == 2 and "Traceback" not in err  # once per file

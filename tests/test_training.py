@@ -1,18 +1,24 @@
 """Training: the hard-negative file, negative sampling, exact resume, early stopping, and that the loss falls."""
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from short_runs import SHORT_TRAINING
+from PIL import Image
+from short_runs import FAST, REPO_ROOT, SHORT_TRAINING, TRAIN, copy_run, resume_argv, run_script, snapshot, with_flag
 
+import evaluation
 import pre_compute_mining
 import runs
 import train_reranking
 import training
 import training_state
-from config import RESUME_FREE_GROUPS, resume_free_flags
+from config import RESUME_FREE_GROUPS, EvalSettings, resume_free_flags
 from datasets_ws import SplitRequest, load_split
 from mining import (
     MiningFileError,
@@ -24,8 +30,6 @@ from mining import (
 )
 from parser import parse_train_args, train_parser
 from places.index import PlaceIndex
-
-FAST = ["--num_workers", "0", "--infer_batch_size", "32", "--recall_values", "1", "5"]
 
 
 def _toy_index(num_database=30, num_queries=12, seed=0, prefix="q") -> PlaceIndex:
@@ -331,3 +335,130 @@ def test_the_resume_free_groups_are_groups_of_the_train_parser():
     free = resume_free_flags(parser)
     assert {"dist_timeout", "num_queries_to_save", "rerank_cuda_graphs", "store_tier", "backbone"} <= free
     assert not free & {"resize", "dataset_name", "train_batch_size", "lr", "precision", "seed", "rerank_top"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_resuming_into_a_new_folder_takes_its_best_along_and_tests_it(
+    small_toy_world, interrupted_run, tmp_path, caplog
+):
+    before = snapshot(interrupted_run)
+    folder = tmp_path / "resumed"
+    results = train_reranking.main(resume_argv(small_toy_world, interrupted_run, folder))
+    assert "exactly: epoch 1, round 0, step 1" in caplog.text and "NOT exactly" not in caplog.text
+    assert "copied best.pth (epoch 0)" in caplog.text
+    assert (folder / "best.pth").is_file() and results["test"]["reranked"]["R@1"] >= 0
+    assert json.loads((folder / "results.json").read_text())["stopped"] == "epochs_num"
+    assert snapshot(interrupted_run) == before  # the interrupted run is untouched
+
+
+def test_resuming_with_another_batch_size_says_what_differs(small_toy_world, interrupted_run, tmp_path, caplog):
+    flags = [*with_flag(TRAIN, "--train_batch_size", "2"), "--max_steps", "7"]
+    train_reranking.main(resume_argv(small_toy_world, interrupted_run, tmp_path / "resumed", flags))
+    expected = "NOT exactly as the interrupted run would have continued: --train_batch_size 2 (the checkpoint's: 4)"
+    assert expected in caplog.text
+    state = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)["training_state"]["state"]
+    # 1 step of 4 tuples before, 2 steps of 2 after: the round's 8 tuples, none skipped or repeated
+    assert state["global_step"] == 7 and state["tuples_done"] == 8
+
+
+def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoints(small_toy_world, interrupted_run, tmp_path, capsys):
+    run = copy_run(interrupted_run, tmp_path)
+    before = snapshot(run)
+    argv = resume_argv(small_toy_world, run, run, with_flag(TRAIN, "--lr", "1e30"))
+    status, line = run_script(train_reranking.main, argv, capsys)
+    assert status == 2 and line.startswith("error: training diverged at epoch 1, step")
+    assert "lower --lr or set --grad_clip" in line and f"kept in {run}: best.pth (epoch 0), last.pth (epoch 1" in line
+    for name in ("last.pth", "best.pth"):
+        assert snapshot(run)[name] == before[name]
+        weights = torch.load(run / name, weights_only=True)["model_state_dict"]
+        assert all(torch.isfinite(value).all() for value in weights.values())
+    assert snapshot(run)["results.json"] == before["results.json"] and not (run / "work").exists()
+    status, line = run_script(train_reranking.main, ["--lr", "inf", *FAST], capsys)
+    assert status == 2 and "expected a finite positive number, got inf" in line
+
+
+def test_more_negatives_than_the_database_has_is_one_line(small_toy_world, tmp_path, capsys):
+    folder = tmp_path / "run"
+    argv = ["--datasets_folder", str(small_toy_world), "--output_folder", str(folder), *TRAIN, *FAST]
+    status, line = run_script(train_reranking.main, [*argv, "--negs_num_per_query", "500"], capsys)
+    assert status == 2 and "--negs_num_per_query 500 is more than the training split" in line
+    assert "Use --negs_num_per_query" in line and not folder.exists()
+    status, line = run_script(train_reranking.main, [*argv, "--train_batch_size", "9"], capsys)
+    assert status == 2 and "--train_batch_size 9 is larger than a mining round of 8 queries" in line
+
+
+def _write_vg_image(folder: Path, east: float, north: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), (90, 90, 90)).save(folder / f"@{east}@{north}@17@T@0@0@x@0@0@0@0@0@2020@x@.jpg")
+
+
+def test_a_training_split_without_any_positive_is_one_line(tmp_path, capsys):
+    for split in ("train", "val", "test"):
+        for i in range(4):
+            _write_vg_image(tmp_path / "far" / "images" / split / "database", 10.0 * i, 0.0)
+            _write_vg_image(tmp_path / "far" / "images" / split / "queries", 5000.0 + i, 0.0)
+    argv = ["--datasets_folder", str(tmp_path), "--dataset_name", "far", "--output_folder", str(tmp_path / "run")]
+    argv += ["--backbone", "deit_micro", "--resize", "144", "192", "--local_dim", "32", *TRAIN, *FAST]
+    status, line = run_script(train_reranking.main, argv, capsys)
+    assert (
+        status == 2 and "the training split < far/train: 4 database, 0 queries > has no query with a positive" in line
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_demo_reuses_the_global_model_only_when_that_stage_finished(tmp_path):
+    shutil.copy(REPO_ROOT / "train_reranking.sh", tmp_path)
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    stub.chmod(0o755)
+    global_model = tmp_path / "logs" / "toy_world_demo" / "global_model"
+    global_model.mkdir(parents=True)
+
+    def demo_stage_one() -> str:
+        """The first command train_reranking.sh runs after making the world."""
+        calls.unlink(missing_ok=True)
+        subprocess.run(
+            ["bash", str(tmp_path / "train_reranking.sh")], env={**os.environ, "PYTHON": str(stub)}, check=True
+        )
+        lines = calls.read_text().splitlines()
+        assert lines[0].startswith("-m places.toy_world --datasets_folder data --seed 0")
+        return lines[1]
+
+    (global_model / "best.pth").write_bytes(b"from an interrupted first epoch")
+    (global_model / "last.pth").write_bytes(b"the interrupted run's state")
+    first = demo_stage_one()
+    assert "--train_stage global" in first and "--resume logs/toy_world_demo/global_model/last.pth" in first
+    (global_model / "results.json").write_text(json.dumps({"stopped": "max_steps"}))
+    assert "--train_stage global" in demo_stage_one()
+    (global_model / "results.json").write_text(json.dumps({"stopped": "early_stopping"}))
+    assert "pre_compute_mining.py" in demo_stage_one()  # finished: reused
+    manifest = tmp_path / "data" / "toy_world" / "toy_world.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("{}")
+    later = (global_model / "results.json").stat().st_mtime + 10
+    os.utime(manifest, (later, later))  # a world made after the fit (e.g. by a newer generator): fit again
+    stage_one = demo_stage_one()
+    assert "--train_stage global" in stage_one and "--resume" not in stage_one
+    assert not (global_model / "last.pth").exists()
+
+
+def test_training_queries_come_in_random_order_seeded_and_resumable(interrupted_run):
+    state = torch.load(interrupted_run / "last.pth", weights_only=True)["training_state"]["state"]
+    queries = state["tuples"]["queries"].numpy()
+    training_queries = 16  # of the small toy world; a round draws 8 of them
+    expected = np.random.default_rng([3, state["epoch"], state["round"]]).choice(training_queries, 8, replace=False)
+    np.testing.assert_array_equal(queries, expected)  # the seeded draw, as drawn: not sorted
+    assert not np.array_equal(queries, np.sort(queries))
+
+
+def test_an_empty_split_is_refused_before_evaluating(small_toy_world, tmp_path):
+    index = load_split(SplitRequest(small_toy_world, "toy_world", "test"))
+    from places.index import DatasetError, subset_index
+
+    empty = subset_index(index, np.arange(index.database_num), np.empty(0, dtype=np.int64))
+    with pytest.raises(DatasetError, match="has no queries or no database images"):
+        evaluation.evaluate(None, empty, EvalSettings((144, 192), torch.device("cpu")), tmp_path)
