@@ -165,7 +165,7 @@ def test_early_stopping_after_patience_epochs(small_toy_world, tmp_path, monkeyp
 
     calls = []
 
-    def constant_evaluation(model, index, settings, work_folder, with_rerank=True):
+    def constant_evaluation(model, index, settings, work_folder, with_rerank=True, source=None):
         calls.append(index.name)
         predictions = np.zeros((index.queries_num, 1), dtype=np.int64)
         recalls = {n: 50.0 for n in settings.recall_values}
