@@ -5,9 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from short_runs import FAST, TRAIN
-
-import train_reranking
 
 if not torch.cuda.is_available():
     # the fused reranker kernel's tests run in Triton's interpreter, which must be chosen before Triton is imported
@@ -91,6 +88,11 @@ def trained_toy_checkpoint(small_toy_world, tmp_path_factory) -> Path:
 def interrupted_run(small_toy_world, tmp_path_factory) -> Path:
     """A training run stopped by --max_steps 5 in its second epoch (4 steps of 4 tuples each): epoch 0 validated
     (best.pth), last.pth after the first step of a mining round of 8 tuples."""
+    # imported here, not at the top: the project's modules import Triton, which must see TRITON_INTERPRET first
+    from short_runs import FAST, TRAIN
+
+    import train_reranking
+
     folder = tmp_path_factory.mktemp("interrupted") / "run"
     train_reranking.main(
         ["--datasets_folder", str(small_toy_world), "--output_folder", str(folder), "--epochs_num", "2"]

@@ -19,7 +19,7 @@ import api
 import feature_store
 import runs
 import test as test_script
-from datasets_ws import load_split
+from datasets_ws import SplitRequest, load_split
 from mining import MiningFileError, dataset_fingerprints, image_file_stats, load_hard_negatives, save_hard_negatives
 from model.checkpoint import CheckpointError, open_checkpoint, save_model
 from model.network import ModelConfig, PRGSNetwork
@@ -118,7 +118,7 @@ def test_a_field_that_breaks_its_schema_is_named_with_the_file():
 
 @pytest.fixture(scope="module")
 def train_index(small_toy_world):
-    return load_split(small_toy_world, "toy_world", "train")
+    return load_split(SplitRequest(small_toy_world, "toy_world", "train"))
 
 
 def _save_hand_edited(path: Path, index, edit) -> None:
