@@ -13,7 +13,8 @@
 #   SEED=1 bash benchmarks/retriever_proof.sh      # logs/retriever_proof/seed_1/, world in data/seed_1 (as the demo)
 #
 # Seed 0 uses the demo's world in data/, seed N data/seed_N/. Every run goes to logs/retriever_proof/seed_N/<step>;
-# a finished step (its results.json, or the mined file) is reused, so an interrupted proof continues.
+# a finished step (its results.json, or the mined file) is reused and an interrupted fit resumes from its last.pth, so
+# an interrupted proof continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
@@ -38,11 +39,18 @@ step() {  # step NAME FILE COMMAND...: run COMMAND unless FILE exists (a finishe
   "$@" > "$L/$name.log" 2>&1 || { echo "error: $name failed; see $L/$name.log" >&2; tail -5 "$L/$name.log" >&2; exit 1; }
 }
 
+continued() {  # continued FOLDER: an interrupted training run in FOLDER resumes from its last.pth, else starts over
+  if [ -f "$1/last.pth" ]; then echo --resume "$1/last.pth"; else echo --overwrite; fi
+}
+
 mkdir -p "$L"
 "$PYTHON" -m places.toy_world --datasets_folder "$D" --seed "$SEED" > "$L/world.log" 2>&1
-step A "$L/A/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT[@]}" --output_folder "$L/A" --overwrite
+# shellcheck disable=SC2046  # continued's words are two flags
+step A "$L/A/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT[@]}" --output_folder "$L/A" \
+  $(continued "$L/A")
+# shellcheck disable=SC2046
 step B "$L/B/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT[@]}" --backbone resnet18 \
-  --output_folder "$L/B" --overwrite
+  --output_folder "$L/B" $(continued "$L/B")
 step B_mining "$L/B_hn.npz" "$PYTHON" -u pre_compute_mining.py "${COMMON[@]}" --resume "$L/A/best.pth" \
   "${RETRIEVER_B[@]}" --num_hard_negatives 50 --output "$L/B_hn.npz" --output_folder "$L/B_mining" --overwrite
 step R "$L/R/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" --train_stage reranker \
