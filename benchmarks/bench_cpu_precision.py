@@ -4,13 +4,15 @@
         --toy_checkpoint logs/toy_world_demo/latest/reranker/best.pth --datasets_folder data --out /tmp/cpu_precision
     python benchmarks/bench_cpu_precision.py --smoke --out /tmp/cpu_precision_smoke      # tiny sizes, a minute
 
+Part 0, the bound: GFLOP/s of a 2400x384x1536 matrix product in float32 and bfloat16.
 Part 1, extraction: PRGSNetwork.forward (global + local) with DeiT-S at 480x640 (random weights), s/image, for
 float32 (today), bf16 autocast, bf16 weights, timm's explicit attention instead of SDPA, and 1 thread instead of
 all; accuracy columns: the largest change of a global descriptor and of a local feature against float32.
 Part 2, reranking: the reranker at top-K (10 and 100) x 1200 nodes (golden weights when given), s/query, for the
-plain and stage0 kernels in float32, stage0 under bf16 autocast, the stage0_bf16 kernel (bfloat16 distance and
-aggregation products, model/bf16_attention.py) with and without autocast, and 2 queries per call; peak RSS growth
-of each; accuracy columns: the largest logit error against the float64 golden and whether its order holds.
+plain and stage0 kernels in float32 (in blocks of images, and "(before)": the whole group at once), stage0 under
+bf16 autocast, the stage0_bf16 kernel (bfloat16 distance and aggregation products, model/bf16_attention.py) with
+and without autocast, and 2 queries per call; peak RSS growth of each; accuracy columns: the largest logit error
+against the float64 golden and whether its order holds.
 Part 3 (with --toy_checkpoint): the trained toy model end to end on the toy world's splits, each precision setting
 against float32 with the plain kernel (benchmarks/bench_toy_accuracy.py's comparison): top-1 agreement, R@1/5/10
 change, and whether it meets the bar that --precision auto needs.
@@ -22,6 +24,7 @@ average (absolute times on a loaded machine mean little, their ratios more). Out
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_gpu import reranker_input  # noqa: E402
 from bench_toy_accuracy import compare, summarise  # noqa: E402
 
+import model.reranker as reranker_module  # noqa: E402
 from config import EvalSettings  # noqa: E402
 from datasets_ws import SplitRequest, load_split  # noqa: E402
 from evaluation import evaluate  # noqa: E402
@@ -54,16 +58,32 @@ EXTRACTION_LEVERS = {  # name -> (autocast, bf16 weights, SDPA attention, thread
     "bf16 autocast, 1 thread": (True, False, True, 1),
 }
 RERANK_LEVERS = {  # name -> (kernel, autocast, queries per call)
+    "plain fp32, whole group (before)": ("plain", False, 1),
+    "stage0 fp32, whole group (before)": ("stage0", False, 1),
     "plain fp32": ("plain", False, 1),
-    "stage0 fp32 (today's CPU default)": ("stage0", False, 1),
+    "stage0 fp32 (the CPU default)": ("stage0", False, 1),
     "stage0, bf16 autocast": ("stage0", True, 1),
     "stage0_bf16": ("stage0_bf16", False, 1),
     "stage0_bf16, bf16 autocast": ("stage0_bf16", True, 1),
     "stage0 fp32, 2 queries per call": ("stage0", False, 2),
     "stage0_bf16, 2 queries per call": ("stage0_bf16", False, 2),
 }
+
+
+@contextlib.contextmanager
+def images_per_block(lever: str):
+    """The "(before)" levers run the node graphs' float32 attention over the whole group at once, as before it ran
+    in blocks of images (reranker_module.IMAGES_PER_BLOCK)."""
+    saved = reranker_module.IMAGES_PER_BLOCK
+    reranker_module.IMAGES_PER_BLOCK = 10**9 if lever.endswith("(before)") else saved
+    try:
+        yield
+    finally:
+        reranker_module.IMAGES_PER_BLOCK = saved
+
+
 TOY_SETTINGS = {  # name -> EvalSettings overrides, against float32 + plain kernel + float32 store
-    "stage0 fp32 (today's CPU default)": dict(rerank_kernel="stage0"),
+    "stage0 fp32 (the CPU default)": dict(rerank_kernel="stage0"),
     "bf16 extraction + stage0 (bf16 autocast)": dict(
         rerank_kernel="stage0", precision="bf16", reranking_precision="bf16"
     ),
@@ -152,6 +172,24 @@ def extraction_part(image_size: tuple[int, int], batch: int, repeats: int, backb
     return rows
 
 
+def matmul_rates(shape: tuple[int, int, int], repeats: int) -> dict:
+    """GFLOP/s of one (m x k) @ (k x n) product in float32 and in bfloat16 (the best of ``repeats`` timed runs of 5
+    products): the machine's bound for the linear layers and the attention's products."""
+    m, k, n = shape
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(5):
+                a @ b
+            best = min(best, (time.perf_counter() - start) / 5)
+        rates[str(dtype).removeprefix("torch.")] = 2 * m * k * n / best / 1e9
+    return rates
+
+
 def local_feature_diff(local: torch.Tensor, reference: torch.Tensor) -> dict:
     """Nodes (B, L, 3+f) against float32's: the share of nodes kept in one and zeroed in the other (the lowest
     attention is zeroed: near-ties flip under rounding), and the largest change over the nodes both keep."""
@@ -190,7 +228,7 @@ def _time_reranker(reranker: GraphReranker, nodes: torch.Tensor, repeats: int) -
         kernel, autocast, per_call = RERANK_LEVERS[lever]
         kernel = RERANK_KERNELS[kernel]
         x = stage0[kernel.attention] if kernel.precomputed_stage0 else nodes
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast), images_per_block(lever):
             return reranker(x[:per_call], grid, kernel)
 
     times, peaks = {}, {}
@@ -210,7 +248,7 @@ def golden_accuracy(reranker: GraphReranker, golden_dir: Path) -> dict:
     report = {}
     for lever, (name, autocast, _) in RERANK_LEVERS.items():
         kernel = RERANK_KERNELS[name]
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast), images_per_block(lever):
             x = nodes
             if kernel.precomputed_stage0:
                 flat = nodes.flatten(0, 1).unsqueeze(1)
@@ -246,7 +284,8 @@ def toy_part(checkpoint: Path, datasets_folder: Path, splits: list[str], top: in
 
 
 def markdown(results: dict) -> str:
-    lines = [f"machine: {results['machine']}", ""]
+    rates = ", ".join(f"{dtype} {rate:.0f}" for dtype, rate in results["matmul_gflops"].items())
+    lines = [f"machine: {results['machine']}", "", f"matmul 2400x384x1536: GFLOP/s {rates}", ""]
     if results.get("extraction"):
         lines += ["| extraction lever | s/image | peak RSS growth MB | max abs global diff | kept nodes changed % | "
                   "max abs local diff (nodes kept in both) |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -302,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"torch {torch.__version__}, load average at start {load}",
         "settings": {"smoke": args.smoke, "tops": [3, 5] if args.smoke else [10, 100], "repeats": args.repeats},
     }
+    results["matmul_gflops"] = matmul_rates((2400, 384, 1536), max(args.repeats, 5))
+    print("matmul 2400x384x1536 GFLOP/s:", results["matmul_gflops"], flush=True)
     if "extraction" not in args.skip:
         size, batch, backbone = ((128, 128), 2, "deit_micro") if args.smoke else ((480, 640), 4, "deit_small")
         results["extraction"] = extraction_part(size, batch, args.repeats, backbone)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Does the PRGS reranker lift another retriever's shortlist? On the toy world of seed $SEED (default 0):
-#   A  fit PRGS's own global descriptor (DeiT, the reranker's backbone), as the demo (train_reranking.sh) does
-#   B  fit a second, independent global model: the same global stage on a ResNet-18 (the retriever in front)
+#   A  fit PRGS's own global descriptor (deit_micro, the reranker's backbone), as the demo (train_reranking.sh) does
+#   B  fit a second, independent global model, the retriever in front: $RETRIEVER (default resnet18) is
+#        resnet18    the same global stage on a ResNet-18 (another architecture)
+#        deit_micro  the same global stage and architecture as A from another seed (SEED + 1000: other initial
+#                    weights, other tuples)
 #   mine hard negatives with B, served as a torch.hub model (this repository's hubconf.py, entry prgs_global)
 #      through --global_model, so the negatives are the ones B confuses
 #   R  train local_head + reranker on A's frozen backbone with B's hard negatives, validating on B's shortlist
@@ -10,11 +13,11 @@
 # and print one line per route: test R@1 of B's shortlist, of R reranking it, and the margin with its 95 %
 # paired-bootstrap interval over the test queries (metrics.paired_bootstrap).
 #
-#   SEED=1 bash benchmarks/retriever_proof.sh      # logs/retriever_proof/seed_1/, world in data/seed_1 (as the demo)
+#   SEED=1 RETRIEVER=deit_micro bash benchmarks/retriever_proof.sh   # logs/retriever_proof/seed_1/deit_micro/
 #
-# Seed 0 uses the demo's world in data/, seed N data/seed_N/. Every run goes to logs/retriever_proof/seed_N/<step>;
-# a finished step (its results.json, or the mined file) is reused and an interrupted fit resumes from its last.pth, so
-# an interrupted proof continues.
+# Seed 0 uses the demo's world in data/, seed N data/seed_N/. A goes to logs/retriever_proof/seed_N/A (shared by the
+# retrievers), the rest to logs/retriever_proof/seed_N/$RETRIEVER/<step>; a finished step (its results.json, or the
+# mined file) is reused and an interrupted fit resumes from its last.pth, so an interrupted proof continues.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
@@ -23,7 +26,14 @@ fi
 SEED="${SEED:-0}"
 if ! [[ "$SEED" =~ ^[0-9]+$ ]]; then echo "error: SEED must be a non-negative integer, got '$SEED'" >&2; exit 2; fi
 if [ "$SEED" = 0 ]; then D=data; else D="data/seed_$SEED"; fi
-L="logs/retriever_proof/seed_$SEED"
+RETRIEVER="${RETRIEVER:-resnet18}"
+case "$RETRIEVER" in
+  resnet18) B_FLAGS=(--backbone resnet18) ;;
+  deit_micro) B_FLAGS=(--seed "$((SEED + 1000))") ;;  # after COMMON's --seed: the last one counts
+  *) echo "error: RETRIEVER must be resnet18 or deit_micro, got '$RETRIEVER'" >&2; exit 2 ;;
+esac
+A="logs/retriever_proof/seed_$SEED/A"
+L="logs/retriever_proof/seed_$SEED/$RETRIEVER"
 COMMON=(--dataset_name toy_world --datasets_folder "$D" --num_workers 1 --seed "$SEED")
 # The demo's recipe for a global model fitted from scratch on a CPU (train_reranking.sh explains the values).
 FIT=(--train_stage global --backbone_weights none --mining full --neg_samples_num 1000 --negs_num_per_query 5
@@ -43,18 +53,18 @@ continued() {  # continued FOLDER: an interrupted training run in FOLDER resumes
   if [ -f "$1/last.pth" ]; then echo --resume "$1/last.pth"; else echo --overwrite; fi
 }
 
-mkdir -p "$L"
+mkdir -p "$L" "$(dirname "$A")"
 "$PYTHON" -m places.toy_world --datasets_folder "$D" --seed "$SEED" > "$L/world.log" 2>&1
 # shellcheck disable=SC2046  # continued's words are two flags
-step A "$L/A/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT[@]}" --output_folder "$L/A" \
-  $(continued "$L/A")
+step A "$A/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT[@]}" --output_folder "$A" \
+  $(continued "$A")
 # shellcheck disable=SC2046
-step B "$L/B/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT[@]}" --backbone resnet18 \
+step B "$L/B/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT[@]}" "${B_FLAGS[@]}" \
   --output_folder "$L/B" $(continued "$L/B")
-step B_mining "$L/B_hn.npz" "$PYTHON" -u pre_compute_mining.py "${COMMON[@]}" --resume "$L/A/best.pth" \
+step B_mining "$L/B_hn.npz" "$PYTHON" -u pre_compute_mining.py "${COMMON[@]}" --resume "$A/best.pth" \
   "${RETRIEVER_B[@]}" --num_hard_negatives 50 --output "$L/B_hn.npz" --output_folder "$L/B_mining" --overwrite
 step R "$L/R/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" --train_stage reranker \
-  --resume "$L/A/best.pth" "${RETRIEVER_B[@]}" --mining global --hard_negatives "$L/B_hn.npz" --neg_hardness 30 \
+  --resume "$A/best.pth" "${RETRIEVER_B[@]}" --mining global --hard_negatives "$L/B_hn.npz" --neg_hardness 30 \
   --negs_num_per_query 8 --queries_per_epoch 960 --cache_refresh_rate 480 --train_batch_size 8 --epochs_num 5 \
   --patience 5 --lr 1e-3 --lr_schedule cosine --warmup_epochs 0 --cache_frozen_backbone --output_folder "$L/R" \
   --overwrite
@@ -66,7 +76,7 @@ step B_test "$L/B_test/results.json" "$PYTHON" -u test.py "${TEST[@]}" --resume 
 step R_on_B_candidates "$L/R_on_B_candidates/results.json" "$PYTHON" -u test.py "${TEST[@]}" \
   --resume "$L/R/best.pth" --candidates "$L/B_test/predictions.csv" --output_folder "$L/R_on_B_candidates"
 
-"$PYTHON" - "$SEED" "$L/R_via_global_model" "$L/R_on_B_candidates" <<'EOF'
+"$PYTHON" - "$SEED" "$RETRIEVER" "$L/R_via_global_model" "$L/R_on_B_candidates" <<'EOF'
 import csv
 import sys
 from pathlib import Path
@@ -75,8 +85,8 @@ import numpy as np
 
 from metrics import paired_bootstrap
 
-seed = sys.argv[1]
-for route, folder in (("--global_model", sys.argv[2]), ("--candidates", sys.argv[3])):
+seed, retriever_name = sys.argv[1:3]
+for route, folder in (("--global_model", sys.argv[3]), ("--candidates", sys.argv[4])):
     hits = {"global": {}, "reranked": {}}
     with open(Path(folder) / "predictions.csv", newline="") as file:
         for row in csv.DictReader(file):
@@ -86,7 +96,8 @@ for route, folder in (("--global_model", sys.argv[2]), ("--candidates", sys.argv
     reranked = np.array([hits["reranked"][q] for q in queries])
     margin, lower, upper = paired_bootstrap(reranked, retriever)
     print(
-        f"seed {seed} ({route}, {len(queries)} test queries): test R@1 ResNet-18 retriever {100 * retriever.mean():.2f}, "
-        f"PRGS reranker on its top 20 {100 * reranked.mean():.2f}, margin {margin:+.2f} [{lower:+.2f}, {upper:+.2f}]"
+        f"seed {seed}, {retriever_name} ({route}, {len(queries)} test queries): test R@1 of the retriever "
+        f"{100 * retriever.mean():.2f}, PRGS reranker on its top 20 {100 * reranked.mean():.2f}, "
+        f"margin {margin:+.2f} [{lower:+.2f}, {upper:+.2f}]"
     )
 EOF

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from model.bf16_attention import IMAGES_PER_BLOCK
 from model.reranker import GraphReranker, match_probability, num_regions, stage_grids
 
 
@@ -149,7 +150,8 @@ def test_candidate_scores_depend_on_the_group():
 
 
 def test_inference_path_equals_the_autograd_path_bit_for_bit():
-    """Under no_grad the graphs divide and add the diagonal in place; the values must not change at all."""
+    """Under no_grad the graphs divide and add the diagonal in place; for a group of one block (5 images) the
+    values must not change at all."""
     torch.manual_seed(4)
     reranker = GraphReranker(node_dim=11, grid=(12, 16)).eval()
     nodes = torch.randn(2, 5, 192, 11)
@@ -159,3 +161,19 @@ def test_inference_path_equals_the_autograd_path_bit_for_bit():
     training = reranker(nodes, (12, 16))
     assert training.requires_grad
     assert torch.equal(inference, training.detach())
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_inference_in_blocks_of_images_equals_the_whole_group(dtype, atol):
+    """A group larger than IMAGES_PER_BLOCK runs its node graphs a block of images at a time under no_grad: the same
+    function as the whole group at once (autograd path), up to the rounding of batched products."""
+    torch.manual_seed(5)
+    reranker = GraphReranker(node_dim=11, grid=(12, 16)).eval().to(dtype)
+    group = 2 * IMAGES_PER_BLOCK + 3  # two full blocks and a partial one
+    nodes = torch.randn(2, group, 192, 11, dtype=dtype)
+    nodes[:, :, :30] = 0.0
+    with torch.no_grad():
+        blocked = reranker(nodes, (12, 16))
+    whole = reranker(nodes, (12, 16)).detach()
+    assert blocked.shape == (2, group - 1, 2)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=atol)
