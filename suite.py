@@ -110,12 +110,17 @@ def dataset_summary(evaluation: Evaluation, results: dict) -> dict:
 
 def mean_recalls(per_dataset: dict[str, dict]) -> dict | None:
     """The mean of each recall over the datasets with ground truth ({"global": {"R@N": ...}, "reranked": ...}),
-    None when none has."""
+    None when none has. A reranked R@N past --rerank_top is None in a split's results (outputs.py), and so is its
+    mean."""
     scored = [row["recalls"] for row in per_dataset.values() if row["recalls"]["global"] is not None]
     if not scored:
         return None
+
+    def mean(values: list[float | None]) -> float | None:
+        return None if any(v is None for v in values) else round(float(np.mean(values)), 4)
+
     return {
-        ranking: {name: round(float(np.mean([r[ranking][name] for r in scored])), 4) for name in scored[0][ranking]}
+        ranking: {name: mean([r[ranking][name] for r in scored]) for name in scored[0][ranking]}
         for ranking in ("global", "reranked")
     }
 
@@ -153,9 +158,10 @@ def _names(row: dict) -> set[str]:
 
 
 def _recall_cells(recalls: dict, names: list[str]) -> list[str]:
-    """Global then reranked cells of ``names``; '-' where a split has no ground truth."""
+    """Global then reranked cells of ``names``; '-' where a split has no ground truth or a reranked R@N lies past
+    --rerank_top."""
     return [
-        "-" if recalls[ranking] is None or name not in recalls[ranking] else f"{recalls[ranking][name]:.2f}"
+        "-" if recalls[ranking] is None or recalls[ranking].get(name) is None else f"{recalls[ranking][name]:.2f}"
         for ranking in ("global", "reranked")
         for name in names
     ]

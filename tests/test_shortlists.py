@@ -22,6 +22,7 @@ from model.checkpoint import build_model
 from model.network import ModelConfig
 from retrieval import exact_knn
 from retrievers import GlobalRetriever, global_model_spec
+from suite import benchmark_table, mean_recalls
 
 # an untrained network of the toy preset (seed 42): its reranker still re-sorts, the same way in every run
 FAST = [
@@ -179,6 +180,34 @@ def test_one_configuration_on_several_datasets_prints_one_table(small_toy_world,
         "copy:test",
         "mean",
     ]
+
+
+def test_a_reranked_recall_past_rerank_top_is_none_in_the_mean_and_a_dash_in_the_table():
+    """With --rerank_top 20 a split's reranked R@100 is None (outputs.py); the mean of such a recall is None, and
+    the table shows '-' there, instead of failing at the end of a long run."""
+    recalls = {
+        "global": {"R@1": 20.0, "R@5": 40.0, "R@100": 100.0},
+        "reranked": {"R@1": 30.0, "R@5": None, "R@100": None},
+    }
+    row = {
+        "recalls": recalls,
+        "queries_num": 10,
+        "ms_per_query": dict.fromkeys(("extraction", "search", "rerank", "total"), 1.0),
+    }
+    row["memory"] = {"peak_host_rss_mb": 1.0, "store_bytes_per_image": 8}
+    other = {
+        **row,
+        "recalls": {"global": {**recalls["global"], "R@1": 40.0}, "reranked": {**recalls["reranked"], "R@1": 50.0}},
+    }
+    mean = mean_recalls(
+        {"a:test": row, "b:test": other, "c:test": {**row, "recalls": {"global": None, "reranked": None}}}
+    )
+    assert mean == {
+        "global": {"R@1": 30.0, "R@5": 40.0, "R@100": 100.0},
+        "reranked": {"R@1": 40.0, "R@5": None, "R@100": None},
+    }
+    table = benchmark_table({"datasets": {"a:test": row, "b:test": other}, "mean": mean})
+    assert "| mean |  | 30.00 | 40.00 | 40.00 | - |" in table  # R@1 and R@5 (the table shows up to R@10)
 
 
 @pytest.mark.slow
