@@ -250,17 +250,19 @@ class GraphLayer(nn.Module):
     def _cdist_attention(self, q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """softmax(-cdist(q, h) / temperature + lamda I) @ h, as the reference computes it.
 
-        Under inference the node graphs run IMAGES_PER_BLOCK images of the group at a time: the same operations on
-        each block, so the (B, N, L, L) distance and weight matrices (582 MB each at 101 images x 1200 nodes in
-        float32) never exist whole; a block's matrices stay near the CPU's cache. Batched matrix products need not
+        Under inference on the CPU the node graphs run IMAGES_PER_BLOCK images of the group at a time: the same
+        operations on each block, so the (B, N, L, L) distance and weight matrices (582 MB each at 101 images x 1200
+        nodes in float32) never exist whole; a block's matrices stay near the cache. Batched matrix products need not
         be bit-identical across batch sizes, so blocked values may differ from the whole group's by rounding
-        (measured: none in float32, 2e-15 in float64 on an AMD EPYC)."""
+        (measured: none in float32, 2e-15 in float64 on an AMD EPYC). CUDA keeps the whole group (its measured
+        path: one launch per product instead of one per block)."""
         if torch.is_grad_enabled():
             # torch.cdist's default mode, exactly as the reference (other formulas differ by up to ~3e-4)
             distances = torch.cdist(q, h, p=2)  # (B, N, L, L) or (B, N, N)
             eye = torch.eye(h.shape[-2], device=h.device, dtype=h.dtype)
             return (-distances / self.temperature + self.lamda * eye).softmax(dim=-1) @ h
-        if h.ndim == 3 or h.shape[1] <= IMAGES_PER_BLOCK:  # image graph (B, N, D), or a group that is one block
+        # whole: an image graph (B, N, D), a group of one block, or CUDA
+        if h.ndim == 3 or h.shape[1] <= IMAGES_PER_BLOCK or h.device.type != "cpu":
             return self._attention_in_place(q, h)
         out = torch.empty_like(h)  # (B, N, L, C)
         for start in range(0, h.shape[1], IMAGES_PER_BLOCK):
