@@ -14,6 +14,8 @@
 # paired-bootstrap interval over the test queries (metrics.paired_bootstrap).
 #
 #   SEED=1 RETRIEVER=deit_micro bash benchmarks/retriever_proof.sh   # logs/retriever_proof/seed_1/deit_micro/
+#   SEED=2 R_EPOCHS=10 bash benchmarks/retriever_proof.sh   # the reranker for 10 epochs instead of 5, in
+#                                                            # logs/retriever_proof/seed_2/resnet18/reranker_10_epochs/
 #
 # Seed 0 uses the demo's world in data/, seed N data/seed_N/. A goes to logs/retriever_proof/seed_N/A (shared by the
 # retrievers), the rest to logs/retriever_proof/seed_N/$RETRIEVER/<step>; a finished step (its results.json, or the
@@ -32,8 +34,14 @@ case "$RETRIEVER" in
   deit_micro) B_FLAGS=(--seed "$((SEED + 1000))") ;;  # after COMMON's --seed: the last one counts
   *) echo "error: RETRIEVER must be resnet18 or deit_micro, got '$RETRIEVER'" >&2; exit 2 ;;
 esac
+R_EPOCHS="${R_EPOCHS:-5}"  # the reranker's epochs (cosine schedule over all of them)
+if ! [[ "$R_EPOCHS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: R_EPOCHS must be a positive integer, got '$R_EPOCHS'" >&2; exit 2
+fi
 A="logs/retriever_proof/seed_$SEED/A"
 L="logs/retriever_proof/seed_$SEED/$RETRIEVER"
+RL="$L"  # the reranker's steps; another R_EPOCHS than 5 keeps its own
+if [ "$R_EPOCHS" != 5 ]; then RL="$L/reranker_${R_EPOCHS}_epochs"; fi
 COMMON=(--dataset_name toy_world --datasets_folder "$D" --num_workers 1 --seed "$SEED")
 # The demo's recipe for a global model fitted from scratch on a CPU (train_reranking.sh explains the values).
 FIT=(--train_stage global --backbone_weights none --mining full --neg_samples_num 1000 --negs_num_per_query 5
@@ -41,19 +49,21 @@ FIT=(--train_stage global --backbone_weights none --mining full --neg_samples_nu
      --patience 4)
 RETRIEVER_B=(--global_model .:prgs_global --global_model_kwargs "weights=$L/B/best.pth")
 
-step() {  # step NAME FILE COMMAND...: run COMMAND unless FILE exists (a finished step), logging to $L/NAME.log
+step() {  # step NAME FILE COMMAND...: run COMMAND unless FILE exists (a finished step), logging to $LOGS/NAME.log
   local name=$1 done_file=$2
   shift 2
   if [ -f "$done_file" ]; then echo "== $name: done before ($done_file)"; return; fi
   echo "== $name"
-  "$@" > "$L/$name.log" 2>&1 || { echo "error: $name failed; see $L/$name.log" >&2; tail -5 "$L/$name.log" >&2; exit 1; }
+  local log="$LOGS/$name.log"
+  "$@" > "$log" 2>&1 || { echo "error: $name failed; see $log" >&2; tail -5 "$log" >&2; exit 1; }
 }
 
 continued() {  # continued FOLDER: an interrupted training run in FOLDER resumes from its last.pth, else starts over
   if [ -f "$1/last.pth" ]; then echo --resume "$1/last.pth"; else echo --overwrite; fi
 }
 
-mkdir -p "$L" "$(dirname "$A")"
+mkdir -p "$L" "$RL" "$(dirname "$A")"
+LOGS="$L"
 "$PYTHON" -m places.toy_world --datasets_folder "$D" --seed "$SEED" > "$L/world.log" 2>&1
 # shellcheck disable=SC2046  # continued's words are two flags
 step A "$A/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT[@]}" --output_folder "$A" \
@@ -63,20 +73,22 @@ step B "$L/B/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT
   --output_folder "$L/B" $(continued "$L/B")
 step B_mining "$L/B_hn.npz" "$PYTHON" -u pre_compute_mining.py "${COMMON[@]}" --resume "$A/best.pth" \
   "${RETRIEVER_B[@]}" --num_hard_negatives 50 --output "$L/B_hn.npz" --output_folder "$L/B_mining" --overwrite
-step R "$L/R/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" --train_stage reranker \
+LOGS="$RL"
+step R "$RL/R/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" --train_stage reranker \
   --resume "$A/best.pth" "${RETRIEVER_B[@]}" --mining global --hard_negatives "$L/B_hn.npz" --neg_hardness 30 \
-  --negs_num_per_query 8 --queries_per_epoch 960 --cache_refresh_rate 480 --train_batch_size 8 --epochs_num 5 \
-  --patience 5 --lr 1e-3 --lr_schedule cosine --warmup_epochs 0 --cache_frozen_backbone --output_folder "$L/R" \
+  --negs_num_per_query 8 --queries_per_epoch 960 --cache_refresh_rate 480 --train_batch_size 8 \
+  --epochs_num "$R_EPOCHS" --patience "$R_EPOCHS" --lr 1e-3 --lr_schedule cosine --warmup_epochs 0 \
+  --cache_frozen_backbone --output_folder "$RL/R" \
   --overwrite
 TEST=(--dataset_name toy_world --datasets_folder "$D" --num_workers 1 --split test --rerank_top 20 --overwrite)
-step R_via_global_model "$L/R_via_global_model/results.json" "$PYTHON" -u test.py "${TEST[@]}" \
-  --resume "$L/R/best.pth" "${RETRIEVER_B[@]}" --output_folder "$L/R_via_global_model"
+step R_via_global_model "$RL/R_via_global_model/results.json" "$PYTHON" -u test.py "${TEST[@]}" \
+  --resume "$RL/R/best.pth" "${RETRIEVER_B[@]}" --output_folder "$RL/R_via_global_model"
 step B_test "$L/B_test/results.json" "$PYTHON" -u test.py "${TEST[@]}" --resume "$L/B/best.pth" \
   --output_folder "$L/B_test"
-step R_on_B_candidates "$L/R_on_B_candidates/results.json" "$PYTHON" -u test.py "${TEST[@]}" \
-  --resume "$L/R/best.pth" --candidates "$L/B_test/predictions.csv" --output_folder "$L/R_on_B_candidates"
+step R_on_B_candidates "$RL/R_on_B_candidates/results.json" "$PYTHON" -u test.py "${TEST[@]}" \
+  --resume "$RL/R/best.pth" --candidates "$L/B_test/predictions.csv" --output_folder "$RL/R_on_B_candidates"
 
-"$PYTHON" - "$SEED" "$RETRIEVER" "$L/R_via_global_model" "$L/R_on_B_candidates" <<'EOF'
+"$PYTHON" - "$SEED" "$RETRIEVER, reranker $R_EPOCHS epochs" "$RL/R_via_global_model" "$RL/R_on_B_candidates" <<'EOF'
 import csv
 import sys
 from pathlib import Path
