@@ -252,6 +252,18 @@ def write_predictions_csv(path: Path, index: PlaceIndex, evaluation: Evaluation)
     util.atomic_write_text(path, text.getvalue())
 
 
+def read_top1_hits(path: Path) -> dict[str, np.ndarray]:
+    """A predictions.csv (write_predictions_csv) -> per ranking ("global", "reranked"), whether each query's top-1
+    is correct, (Nq,) bool in query order; for paired comparisons of the two rankings (metrics.paired_bootstrap)."""
+    hits: dict[str, dict[int, bool]] = {"global": {}, "reranked": {}}
+    with open(path, newline="") as file:
+        for row in csv.DictReader(file):
+            hits[row["ranking"]][int(row["query_index"])] = row["first_correct_rank"] == "1"
+    if sorted(hits["global"]) != sorted(hits["reranked"]):
+        raise ValueError(f"{path}: the global and reranked rows name different queries")
+    return {ranking: np.array([by_query[q] for q in sorted(by_query)]) for ranking, by_query in hits.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Pictures
 

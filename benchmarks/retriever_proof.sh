@@ -73,42 +73,34 @@ step B "$L/B/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" "${FIT
   --output_folder "$L/B" $(continued "$L/B")
 step B_mining "$L/B_hn.npz" "$PYTHON" -u pre_compute_mining.py "${COMMON[@]}" --resume "$A/best.pth" \
   "${RETRIEVER_B[@]}" --num_hard_negatives 50 --output "$L/B_hn.npz" --output_folder "$L/B_mining" --overwrite
+TEST=(--dataset_name toy_world --datasets_folder "$D" --num_workers 1 --split test --rerank_top 20 --overwrite)
+step B_test "$L/B_test/results.json" "$PYTHON" -u test.py "${TEST[@]}" --resume "$L/B/best.pth" \
+  --output_folder "$L/B_test"
 LOGS="$RL"
 step R "$RL/R/results.json" "$PYTHON" -u train_reranking.py "${COMMON[@]}" --train_stage reranker \
   --resume "$A/best.pth" "${RETRIEVER_B[@]}" --mining global --hard_negatives "$L/B_hn.npz" --neg_hardness 30 \
   --negs_num_per_query 8 --queries_per_epoch 960 --cache_refresh_rate 480 --train_batch_size 8 \
   --epochs_num "$R_EPOCHS" --patience "$R_EPOCHS" --lr 1e-3 --lr_schedule cosine --warmup_epochs 0 \
-  --cache_frozen_backbone --output_folder "$RL/R" \
-  --overwrite
-TEST=(--dataset_name toy_world --datasets_folder "$D" --num_workers 1 --split test --rerank_top 20 --overwrite)
+  --cache_frozen_backbone --output_folder "$RL/R" --overwrite
 step R_via_global_model "$RL/R_via_global_model/results.json" "$PYTHON" -u test.py "${TEST[@]}" \
   --resume "$RL/R/best.pth" "${RETRIEVER_B[@]}" --output_folder "$RL/R_via_global_model"
-step B_test "$L/B_test/results.json" "$PYTHON" -u test.py "${TEST[@]}" --resume "$L/B/best.pth" \
-  --output_folder "$L/B_test"
 step R_on_B_candidates "$RL/R_on_B_candidates/results.json" "$PYTHON" -u test.py "${TEST[@]}" \
   --resume "$RL/R/best.pth" --candidates "$L/B_test/predictions.csv" --output_folder "$RL/R_on_B_candidates"
 
 "$PYTHON" - "$SEED" "$RETRIEVER, reranker $R_EPOCHS epochs" "$RL/R_via_global_model" "$RL/R_on_B_candidates" <<'EOF'
-import csv
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from metrics import paired_bootstrap
+from outputs import read_top1_hits
 
 seed, retriever_name = sys.argv[1:3]
 for route, folder in (("--global_model", sys.argv[3]), ("--candidates", sys.argv[4])):
-    hits = {"global": {}, "reranked": {}}
-    with open(Path(folder) / "predictions.csv", newline="") as file:
-        for row in csv.DictReader(file):
-            hits[row["ranking"]][int(row["query_index"])] = row["first_correct_rank"] == "1"
-    queries = sorted(hits["global"])
-    retriever = np.array([hits["global"][q] for q in queries])
-    reranked = np.array([hits["reranked"][q] for q in queries])
+    hits = read_top1_hits(Path(folder) / "predictions.csv")
+    retriever, reranked = hits["global"], hits["reranked"]
     margin, lower, upper = paired_bootstrap(reranked, retriever)
     print(
-        f"seed {seed}, {retriever_name} ({route}, {len(queries)} test queries): test R@1 of the retriever "
+        f"seed {seed}, {retriever_name} ({route}, {len(retriever)} test queries): test R@1 of the retriever "
         f"{100 * retriever.mean():.2f}, PRGS reranker on its top 20 {100 * reranked.mean():.2f}, "
         f"margin {margin:+.2f} [{lower:+.2f}, {upper:+.2f}]"
     )

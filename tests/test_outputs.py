@@ -10,7 +10,7 @@ from PIL import Image
 from config import OutputOptions
 from evaluation import Evaluation
 from metrics import recall_at_n
-from outputs import recalls_by_name, recalls_table, report_data, summary_text, write_outputs
+from outputs import read_top1_hits, recalls_by_name, recalls_table, report_data, summary_text, write_outputs
 from places.index import PlaceIndex
 from report import changes_summary, reranking_changes
 
@@ -139,3 +139,17 @@ def test_reranking_pictures_need_the_model(tmp_path):
 
 def _rankings(evaluation: Evaluation) -> tuple[np.ndarray, np.ndarray]:
     return evaluation.global_predictions, evaluation.reranked_predictions
+
+
+def test_top1_hits_are_read_per_ranking_in_query_order(tmp_path):
+    """predictions.csv rows in any order -> per ranking, query q's top-1 correctness at position q; a file whose two
+    rankings name different queries is refused, naming it."""
+    path = tmp_path / "predictions.csv"
+    header = "query_index,query_path,ranking,first_correct_rank,database_paths\n"
+    rows = ["1,q1.jpg,global,,a|b", "0,q0.jpg,global,1,a|b", "0,q0.jpg,reranked,2,b|a", "1,q1.jpg,reranked,1,a|b"]
+    path.write_text(header + "\n".join(rows) + "\n")
+    hits = read_top1_hits(path)
+    assert hits["global"].tolist() == [True, False] and hits["reranked"].tolist() == [False, True]
+    path.write_text(header + "\n".join(rows[:3]) + "\n")
+    with pytest.raises(ValueError, match="predictions.csv: the global and reranked rows name different queries"):
+        read_top1_hits(path)

@@ -4,7 +4,6 @@ shortlist, served as a torch.hub model; the reranker, trained on its own backbon
 the other model confuses, lifts that model's test R@1, through --global_model and through --candidates. (The
 full-size proof puts a ResNet-18 in front; fitting one takes minutes per epoch here, too long for the suite.)"""
 
-import csv
 import dataclasses
 from pathlib import Path
 
@@ -14,7 +13,10 @@ from short_runs import REPO_ROOT
 
 import test as test_script
 import train_reranking
+from candidates import read_candidates
+from datasets_ws import SplitRequest, load_split
 from metrics import paired_bootstrap
+from outputs import read_top1_hits
 from places.toy_world import PRESETS, SplitSpec, make_toy_world
 
 # The default world's training split, a validation split of 120 queries that chooses the best epoch and a test split
@@ -38,22 +40,6 @@ def fit_global(folder: Path, common: list[str], epochs: int, seed: int) -> Path:
     return folder
 
 
-def top1_hits(predictions: Path) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
-    """predictions.csv -> per query (in query order) whether the global / reranked top-1 is right (Nq,) bool, and the
-    global shortlists' database paths."""
-    rows = {"global": {}, "reranked": {}}
-    shortlists = {}
-    with open(predictions, newline="") as file:
-        for row in csv.DictReader(file):
-            rows[row["ranking"]][int(row["query_index"])] = row["first_correct_rank"] == "1"
-            if row["ranking"] == "global":
-                shortlists[int(row["query_index"])] = row["database_paths"].split("|")
-    queries = sorted(rows["global"])
-    assert queries == sorted(rows["reranked"])
-    hits = [np.array([rows[ranking][q] for q in queries]) for ranking in ("global", "reranked")]
-    return hits[0], hits[1], [shortlists[q] for q in queries]
-
-
 @pytest.mark.slow
 def test_a_reranker_trained_for_another_retriever_lifts_its_shortlist(tmp_path):
     """Measured with benchmarks/retriever_proof.sh at full size on three seeds (README); here one seed in small
@@ -75,17 +61,22 @@ def test_a_reranker_trained_for_another_retriever_lifts_its_shortlist(tmp_path):
         + ["--neg_samples_num", "100", "--negs_num_per_query", "8", "--lr", "1e-3", "--lr_schedule", "cosine"]
         + ["--epochs_num", "1", "--queries_per_epoch", "1920", "--cache_refresh_rate", "480"]
     )
-    retriever_hits, reranked_hits, shortlists = top1_hits(reranker / "test" / "predictions.csv")
-    assert np.array_equal(retriever_hits, top1_hits(retriever / "test" / "predictions.csv")[0])  # its shortlist
-    margin, lower, upper = paired_bootstrap(reranked_hits, retriever_hits)
-    assert lower > 0, f"--global_model: R@1 {100 * retriever_hits.mean():.2f} -> {100 * reranked_hits.mean():.2f}"
+    hits = read_top1_hits(reranker / "test" / "predictions.csv")
+    assert np.array_equal(hits["global"], read_top1_hits(retriever / "test" / "predictions.csv")["global"])
+    margin, lower, upper = paired_bootstrap(hits["reranked"], hits["global"])
+    assert lower > 0, f"--global_model: R@1 {100 * hits['global'].mean():.2f} -> {100 * hits['reranked'].mean():.2f}"
 
     test_script.main(
         ["--datasets_folder", str(tmp_path), "--num_workers", "0", "--split", "test", "--rerank_top", "20"]
         + ["--resume", str(reranker / "best.pth"), "--candidates", str(retriever / "test" / "predictions.csv")]
         + ["--output_folder", str(tmp_path / "on_candidates")]
     )
-    from_file = top1_hits(tmp_path / "on_candidates" / "predictions.csv")
-    assert from_file[2] == shortlists and np.array_equal(from_file[0], retriever_hits)
-    assert np.array_equal(from_file[1], reranked_hits)  # the same shortlist reranked by the same model
-    assert paired_bootstrap(from_file[1], from_file[0])[1] > 0
+    index = load_split(SplitRequest(tmp_path, "toy_world", "test"))
+    shortlists = [
+        read_candidates(folder / "predictions.csv", index) for folder in (reranker / "test", tmp_path / "on_candidates")
+    ]
+    assert np.array_equal(*shortlists)  # the same shortlist, searched and read from the file
+    from_file = read_top1_hits(tmp_path / "on_candidates" / "predictions.csv")
+    assert np.array_equal(from_file["global"], hits["global"])
+    assert np.array_equal(from_file["reranked"], hits["reranked"])  # reranked by the same model
+    assert paired_bootstrap(from_file["reranked"], from_file["global"])[1] > 0
