@@ -63,6 +63,7 @@ class TrainingReport:
         its margins over the test before training, and write test.py's outputs into <run>/test/."""
         args = self.args
         self.results["test"] = recalls_by_name(after)
+        self.results["resolved"] = after.resolved  # what the test ran where a flag said "auto"
         hits_after = test_hits(after, self.test, args.recall_values[0], self.with_rerank)
         if hits_after is not None and self.hits_before is not None:
             self.results["test_margins"] = test_margins(self.hits_before, hits_after, args.recall_values[0])

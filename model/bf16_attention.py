@@ -30,7 +30,10 @@ IMAGES_PER_BLOCK = 8
 
 
 def split_bf16(x: torch.Tensor, parts: int = 3) -> torch.Tensor:
-    """float32 x (...) -> (..., parts) bfloat16 terms whose float32 sum is x to ~24 bits (hi, mid, lo)."""
+    """float32 x (...) -> (..., parts) bfloat16 terms whose float32 sum is x to ~24 bits (hi, mid, lo).
+
+    The terms come from float32 -> bfloat16 -> float32 round trips. Under torch.compile they hold only with
+    ``torch._inductor.config.emulate_precision_casts = True``; by default TorchInductor drops the round trips."""
     terms = []
     rest = x.float()
     for _ in range(parts):

@@ -243,6 +243,9 @@ def test_training_outputs_and_reference_resume_message(small_toy_world, tmp_path
         assert (folder / name).is_file(), name
     on_disk = json.loads((folder / "results.json").read_text())
     assert set(on_disk["test_before_training"]) == {"global", "reranked"} and on_disk["test"]["global"]["R@1"] >= 0
+    # what the test ran where the flags said "auto", as its own results.json records it
+    assert on_disk["resolved"]["precision"]["requested"] == "auto" and on_disk["resolved"]["rerank_kernel"] != "auto"
+    assert on_disk["resolved"] == json.loads((folder / "test" / "results.json").read_text())["resolved"]
     best = torch.load(folder / "best.pth", weights_only=True)
     assert "training_state" not in best and best["model_config"]["backbone"] == "deit_micro"
     # weights-only resume of a checkpoint from another stage
