@@ -18,7 +18,7 @@ import numpy as np
 
 from util import PRGSError
 
-KIND_NAMES = {"b": "boolean", "i": "integer", "u": "integer", "f": "floating-point", "U": "text"}
+KIND_NAMES = {"b": "boolean", "i": "integer", "u": "integer", "f": "floating-point", "U": "text", "S": "bytes"}
 
 
 class FileFormatError(PRGSError, ValueError):
@@ -33,11 +33,14 @@ class Field:
     kinds: numpy dtype kinds accepted ("iu" integers, "f" floats, "U" text, "b" booleans). shape: one entry per axis
     (so its length is the rank): a length, a name (every field using the name must have the same length there;
     ``check_fields`` may be told it beforehand), or None for any length. minimum: the smallest value any element may
-    take. choices: the values a rank-0 field may take (empty: any). required: False for a field older files lack."""
+    take. below: every element must be smaller: a number, or a named length (indices into an axis of that length,
+    e.g. database indices below "Nd"; the name must be set before, by an earlier field or ``known_lengths``).
+    choices: the values a rank-0 field may take (empty: any). required: False for a field older files lack."""
 
     kinds: str
     shape: tuple[int | str | None, ...] = ()
     minimum: float | None = None
+    below: int | str | None = None
     choices: tuple = ()
     required: bool = True
 
@@ -92,6 +95,11 @@ def _field_problem(value: Any, field: Field, lengths: dict[str, int]) -> str:
             return f"has {length} entries along axis {axis}, expected {field.expected(lengths)}"
     if field.minimum is not None and array.size and array.min() < field.minimum:
         return f"holds {array.min()}, expected values >= {field.minimum}"
+    if field.below is not None and array.size:
+        bound = lengths[field.below] if isinstance(field.below, str) else field.below
+        if array.max() >= bound:
+            named = f" ({field.below})" if isinstance(field.below, str) else ""
+            return f"holds {array.max()}, expected values < {bound}{named}"
     if field.choices and array.item() not in field.choices:
         return f"is {array.item()!r}, expected one of {', '.join(repr(c) for c in field.choices)}"
     return ""

@@ -35,6 +35,7 @@ from places.index import (
     positives_within_radius,
     without_images,
 )
+from schema import Field, FileFormatError, check_fields
 from util import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,27 @@ MSLS_LAYOUT = (
 )
 CACHE_FORMAT_VERSION = 2  # 2: positives by brute force, cities without queries left out (as mapillary_sls)
 CACHE_FOLDER_NAME = "prgs_index"
+# the cache file's arrays (_encode_index), checked before an index is built from them: C cities, Nd database images,
+# Nq queries; the positives are flattened database indices with Nq + 1 offsets into them
+CACHE_VERSION_FIELDS = {"format_version": Field("iu"), "fingerprint": Field("U")}
+CACHE_FIELDS = {
+    "cities": Field("U", ("C",)),
+    "summary": Field("U"),
+    "database_keys": Field("S", ("Nd",)),
+    "queries_keys": Field("S", ("Nq",)),
+    "database_city": Field("iu", ("Nd",), minimum=0, below="C"),
+    "queries_city": Field("iu", ("Nq",), minimum=0, below="C"),
+    "database_utms": Field("f", ("Nd", 2), required=False),
+    "queries_utms": Field("f", ("Nq", 2), required=False),
+}
+CACHE_POSITIVES_FIELDS = {
+    f"{kind}_positives_{part}": field
+    for kind in ("soft", "hard")
+    for part, field in (
+        ("flat", Field("iu", (None,), minimum=0, below="Nd", required=False)),
+        ("offsets", Field("iu", ("Nq+1",), minimum=0, required=False)),
+    )
+}
 
 
 def msls_city_subdir(city: str) -> str:
@@ -476,20 +498,39 @@ def _load_cached_index(
         if not path.is_file():
             continue
         try:
-            with np.load(path, allow_pickle=False) as arrays:
-                if int(arrays["format_version"]) != CACHE_FORMAT_VERSION or str(arrays["fingerprint"]) != fingerprint:
-                    logger.info(
-                        "MSLS cache %s is stale (the CSV files, the settings or the cache format changed); rebuilding",
-                        path,
-                    )
-                    continue
-                index = _decode_index(arrays, msls_root, name)
+            with np.load(path, allow_pickle=False) as loaded:
+                arrays = {key: loaded[key] for key in loaded.files}
+            check_fields(path, arrays, CACHE_VERSION_FIELDS)
+            if int(arrays["format_version"]) != CACHE_FORMAT_VERSION or str(arrays["fingerprint"]) != fingerprint:
+                logger.info(
+                    "MSLS cache %s is stale (the CSV files, the settings or the cache format changed); rebuilding",
+                    path,
+                )
+                continue
+            _check_cache_arrays(path, arrays)
+            index = _decode_index(arrays, msls_root, name)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as error:
             logger.warning("MSLS cache %s is unreadable (%s: %s); rebuilding", path, type(error).__name__, error)
             continue
         logger.info("loaded %s from the cache %s", index.summary(), path)
         return index
     return None
+
+
+def _check_cache_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """FileFormatError naming the field when the cache's arrays do not make an index: a wrong dtype or length, a city
+    code or a positive's database index out of range, offsets that do not partition the positives."""
+    lengths = check_fields(path, arrays, CACHE_FIELDS)
+    check_fields(path, arrays, CACHE_POSITIVES_FIELDS, known_lengths={**lengths, "Nq+1": lengths["Nq"] + 1})
+    for kind in ("soft", "hard"):
+        flat, offsets = arrays.get(f"{kind}_positives_flat"), arrays.get(f"{kind}_positives_offsets")
+        if (flat is None) != (offsets is None):
+            raise FileFormatError(f"{path}: {kind} positives need both fields, '_flat' and '_offsets'")
+        if offsets is not None and (offsets[0] != 0 or offsets[-1] != len(flat) or np.any(np.diff(offsets) < 0)):
+            raise FileFormatError(
+                f"{path}: field '{kind}_positives_offsets' must rise from 0 to {len(flat)} (the positives' count), "
+                f"got {offsets[0]} .. {offsets[-1]}{' and a decrease' if np.any(np.diff(offsets) < 0) else ''}"
+            )
 
 
 def _save_cached_index(

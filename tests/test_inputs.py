@@ -99,8 +99,9 @@ def test_a_field_that_breaks_its_schema_is_named_with_the_file():
         "rows": Field("i", ("N", None), minimum=-1),
         "sizes": Field("iu", ("N",)),
         "kind": Field("U", choices=("a",)),
+        "picks": Field("iu", (None,), minimum=0, below="N"),  # indices into the N rows
     }
-    good = {"rows": np.zeros((3, 2), np.int64), "sizes": np.arange(3), "kind": "a"}
+    good = {"rows": np.zeros((3, 2), np.int64), "sizes": np.arange(3), "kind": "a", "picks": np.array([2, 0])}
     assert check_fields("f.npz", good, schema) == {"N": 3}
     for field, value, problem in [
         ("rows", np.zeros((3, 2), np.float32), "has dtype float32"),
@@ -109,11 +110,12 @@ def test_a_field_that_breaks_its_schema_is_named_with_the_file():
         ("sizes", np.arange(4), "has 4 entries along axis 0"),
         ("kind", "b", "is 'b', expected one of 'a'"),
         ("kind", True, "has dtype bool"),
+        ("picks", np.array([0, 3]), r"holds 3, expected values < 3 \(N\)"),
     ]:
         with pytest.raises(FileFormatError, match=f"f.npz: field '{field}' .*{problem}"):
             check_fields("f.npz", {**good, field: value}, schema, hint="rebuild it")
     with pytest.raises(FileFormatError, match="field 'sizes' is missing"):
-        check_fields("f.npz", {"rows": good["rows"], "kind": "a"}, schema)
+        check_fields("f.npz", {"rows": good["rows"], "kind": "a", "picks": good["picks"]}, schema)
 
 
 @pytest.fixture(scope="module")

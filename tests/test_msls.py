@@ -2,6 +2,7 @@
 
 import csv
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -247,6 +248,32 @@ def test_truncated_cache_is_rebuilt(msls_folder, caplog):
     assert "is unreadable" in caplog.text and "building the msls/val index" in caplog.text
     assert_same_index(first, rebuilt)
     assert not [p for p in cache.parent.iterdir() if p.suffix == ".tmp"]  # no temporary files left behind
+
+
+@pytest.mark.parametrize(
+    "field, edit, problem",
+    [
+        ("soft_positives_flat", lambda a: a + 4, r"field 'soft_positives_flat' holds \d+, expected values < 4 \(Nd\)"),
+        ("database_city", lambda a: a + 9, r"field 'database_city' holds \d+, expected values < 2 \(C\)"),
+        ("soft_positives_offsets", lambda a: a[::-1], "field 'soft_positives_offsets' must rise from 0"),
+        ("queries_utms", lambda a: a[:1], "field 'queries_utms' has 1 entries along axis 0"),
+    ],
+)
+def test_a_cache_with_wrong_values_is_rebuilt_not_used(msls_folder, caplog, field, edit, problem):
+    """A cache that reads but holds values no index can have (edited by hand, written by another program) is named
+    and rebuilt: its indices never reach the positives."""
+    first = build_msls_split(msls_folder, "val")
+    cache = msls_folder / "msls" / "prgs_index" / "msls_val.npz"
+    with np.load(cache) as loaded:
+        arrays = {key: loaded[key] for key in loaded.files}
+    arrays[field] = edit(arrays[field])
+    with open(cache, "wb") as file:
+        np.savez(file, **arrays)
+    with caplog.at_level(logging.INFO, logger="places.msls"):
+        rebuilt = build_msls_split(msls_folder, "val")
+    assert "is unreadable (FileFormatError" in caplog.text and "building the msls/val index" in caplog.text
+    assert re.search(problem, caplog.text), caplog.text
+    assert_same_index(first, rebuilt)
 
 
 def test_moved_dataset_uses_its_cache(msls_folder, tmp_path, caplog):
