@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,18 @@ def reranked_recalls_in_reach(evaluation: Evaluation) -> dict[int, float | None]
         return None
     columns = evaluation.reranked_predictions.shape[1]
     return {n: None if evaluation.rerank_top < min(n, columns) else value for n, value in recalls.items()}
+
+
+def msls_maps_in_reach(evaluation: Evaluation, positives: Sequence[np.ndarray]) -> dict[str, dict[str, float | None]]:
+    """The MSLS protocol's mAP@k of both rankings for each recall value k within the predictions; a reranked mAP@k
+    past the reranked candidates is None, as the reranked R@N there (reranked_recalls_in_reach)."""
+    ks = [n for n in evaluation.global_recalls if n <= evaluation.global_predictions.shape[1]]
+    maps = msls_map(_rankings(evaluation), positives, ks)
+    columns = evaluation.reranked_predictions.shape[1]
+    for k in ks:
+        if evaluation.rerank_top < min(k, columns):
+            maps["reranked"][f"mAP@{k}"] = None
+    return maps
 
 
 def recalls_table(evaluation: Evaluation) -> str:
@@ -148,8 +161,7 @@ def build_results(
         "configuration": configuration,
     }
     if options.dataset_name == "msls" and evaluation.global_recalls is not None:
-        ks = [n for n in evaluation.global_recalls if n <= evaluation.global_predictions.shape[1]]
-        results["msls_map"] = msls_map(_rankings(evaluation), index.soft_positives_per_query, ks)
+        results["msls_map"] = msls_maps_in_reach(evaluation, index.soft_positives_per_query)
     return results
 
 

@@ -10,7 +10,15 @@ from PIL import Image
 from config import OutputOptions
 from evaluation import Evaluation
 from metrics import recall_at_n
-from outputs import read_top1_hits, recalls_by_name, recalls_table, report_data, summary_text, write_outputs
+from outputs import (
+    msls_maps_in_reach,
+    read_top1_hits,
+    recalls_by_name,
+    recalls_table,
+    report_data,
+    summary_text,
+    write_outputs,
+)
 from places.index import PlaceIndex
 from report import changes_summary, reranking_changes
 
@@ -67,6 +75,16 @@ def test_every_recall_is_kept_when_the_whole_shortlist_is_reranked():
     evaluation = hand_evaluation(POSITIVES, rerank_top=6, recall_values=(1, 5, 10))
     assert None not in recalls_by_name(evaluation)["reranked"].values()
     assert "past the" not in recalls_table(evaluation)
+    assert None not in msls_maps_in_reach(evaluation, POSITIVES)["reranked"].values()
+
+
+def test_the_msls_map_of_the_reranked_row_stops_where_its_recalls_do():
+    """mAP@k past the reranked candidates would score the global order under the reranker's name: None there, as
+    R@N; k beyond the predictions (K = 6) is left out of both rows."""
+    maps = msls_maps_in_reach(hand_evaluation(POSITIVES, recall_values=(1, 2, 5, 10)), POSITIVES)
+    assert list(maps["global"]) == ["mAP@1", "mAP@2", "mAP@5"]
+    assert maps["reranked"]["mAP@5"] is None and maps["global"]["mAP@5"] is not None
+    assert maps["reranked"]["mAP@1"] == 50.0 and maps["global"]["mAP@1"] == 50.0
 
 
 @pytest.mark.parametrize(
