@@ -48,8 +48,13 @@ def reranked_recalls_in_reach(evaluation: Evaluation) -> dict[int, float | None]
     recalls = evaluation.reranked_recalls
     if recalls is None:
         return None
-    columns = evaluation.reranked_predictions.shape[1]
-    return {n: None if evaluation.rerank_top < min(n, columns) else value for n, value in recalls.items()}
+    return {n: None if past_reranked(evaluation, n) else value for n, value in recalls.items()}
+
+
+def past_reranked(evaluation: Evaluation, n: int) -> bool:
+    """Whether the first n reranked predictions reach past the reranked candidates (n > rerank_top while the
+    predictions go further): a reranked metric at n would score the global order there."""
+    return evaluation.rerank_top < min(n, evaluation.reranked_predictions.shape[1])
 
 
 def msls_maps_in_reach(evaluation: Evaluation, positives: Sequence[np.ndarray]) -> dict[str, dict[str, float | None]]:
@@ -57,9 +62,8 @@ def msls_maps_in_reach(evaluation: Evaluation, positives: Sequence[np.ndarray]) 
     past the reranked candidates is None, as the reranked R@N there (reranked_recalls_in_reach)."""
     ks = [n for n in evaluation.global_recalls if n <= evaluation.global_predictions.shape[1]]
     maps = msls_map(_rankings(evaluation), positives, ks)
-    columns = evaluation.reranked_predictions.shape[1]
     for k in ks:
-        if evaluation.rerank_top < min(k, columns):
+        if past_reranked(evaluation, k):
             maps["reranked"][f"mAP@{k}"] = None
     return maps
 

@@ -526,10 +526,13 @@ def _check_cache_arrays(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         flat, offsets = arrays.get(f"{kind}_positives_flat"), arrays.get(f"{kind}_positives_offsets")
         if (flat is None) != (offsets is None):
             raise FileFormatError(f"{path}: {kind} positives need both fields, '_flat' and '_offsets'")
-        if offsets is not None and (offsets[0] != 0 or offsets[-1] != len(flat) or np.any(np.diff(offsets) < 0)):
+        if offsets is None:
+            continue
+        decreases = bool(np.any(np.diff(offsets) < 0))
+        if offsets[0] != 0 or offsets[-1] != len(flat) or decreases:
             raise FileFormatError(
                 f"{path}: field '{kind}_positives_offsets' must rise from 0 to {len(flat)} (the positives' count), "
-                f"got {offsets[0]} .. {offsets[-1]}{' and a decrease' if np.any(np.diff(offsets) < 0) else ''}"
+                f"got {offsets[0]} .. {offsets[-1]}{' and a decrease' if decreases else ''}"
             )
 
 
